@@ -1,0 +1,349 @@
+// CPU kernels of logmeanexp and its backward: float32 and float64.
+//
+// Rows are reduced in blocks of kBlock values: a vectorised max over the block, then a
+// vectorised sum of exp(x - max) that reads the block again from L1, then one scalar
+// combine (lme_combine) into the row's running (max, sum) pair in double. Memory is read
+// once. The exponential is a branch-free polynomial (fast_exp) that the compiler
+// vectorises; std::exp would not be. Each loop is compiled for AVX-512, AVX2 and the
+// baseline ISA, chosen at load time (GCC's target_clones), so one build runs everywhere.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../logmeanexp.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define IWAE_SIMD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define IWAE_SIMD_CLONES
+#endif
+#if defined(__GNUC__)
+#define IWAE_INLINE inline __attribute__((always_inline))
+#else
+#define IWAE_INLINE inline
+#endif
+
+namespace iwae_ext {
+namespace {
+
+template <typename T>
+struct ExpConstants;
+
+template <>
+struct ExpConstants<double> {
+  using bits_t = uint64_t;
+  static constexpr int mantissa_bits = 52;
+  static constexpr int64_t bias = 1023;
+  static constexpr double log2e = 1.4426950408889634;
+  // Cody-Waite split of ln 2: n * ln2_hi is exact for |n| < 2^11.
+  static constexpr double ln2_hi = 6.93147180369123816490e-01;
+  static constexpr double ln2_lo = 1.90821492927058770002e-10;
+  static constexpr double round_magic = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double lo = -745.1332191019412;  // exp(x) rounds to 0 below
+  static constexpr double hi = 709.782712893384;    // exp(x) overflows above
+};
+
+template <>
+struct ExpConstants<float> {
+  using bits_t = uint32_t;
+  static constexpr int mantissa_bits = 23;
+  static constexpr int32_t bias = 127;
+  static constexpr float log2e = 1.44269504088896341f;
+  static constexpr float ln2_hi = 0.693359375f;
+  static constexpr float ln2_lo = -2.12194440e-4f;
+  static constexpr float round_magic = 12582912.0f;  // 1.5 * 2^23
+  static constexpr float lo = -103.972084f;
+  static constexpr float hi = 88.7228394f;
+};
+
+// Bit casts the vectoriser sees through (a memcpy into a local defeats it with GCC 12).
+template <typename T>
+IWAE_INLINE typename ExpConstants<T>::bits_t to_bits(T v) {
+  return __builtin_bit_cast(typename ExpConstants<T>::bits_t, v);
+}
+
+template <typename T>
+IWAE_INLINE T from_bits(typename ExpConstants<T>::bits_t b) {
+  return __builtin_bit_cast(T, b);
+}
+
+// exp(r) for |r| <= ln(2)/2: Taylor series to degree 13 (double; truncation < 5e-18) or
+// 7 (float; < 6e-9), in Horner form.
+IWAE_INLINE double exp_reduced(double r) {
+  double p = 1.0 / 6227020800.0;
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  return p * r + 1.0;
+}
+
+IWAE_INLINE float exp_reduced(float r) {
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  return p * r + 1.0f;
+}
+
+// exp(x) over the whole range, branch-free so that loops calling it vectorise:
+// x = n ln2 + r, exp(x) = 2^n exp(r), with 2^n built from its exponent bits in two halves
+// so that results down to the smallest subnormal and up to the largest finite value are
+// right. exp(-inf) = 0, exp(+inf) = +inf, exp(NaN) = NaN.
+template <typename T>
+IWAE_INLINE T fast_exp(T x) {
+  using C = ExpConstants<T>;
+  using bits_t = typename C::bits_t;
+  const T xc = std::min(std::max(x, C::lo), C::hi);  // NaN passes through
+  const T t = xc * C::log2e + C::round_magic;                // round to nearest integer
+  const T n = t - C::round_magic;
+  const T r = (xc - n * C::ln2_hi) - n * C::ln2_lo;
+  // bits(t) - bits(magic) is n as a two's-complement integer.
+  const bits_t ni = to_bits(t) - to_bits(C::round_magic);
+  // floor(n / 2) by a logical shift of n + 2048 (n > -2048), since SSE and AVX2 have no
+  // 64-bit arithmetic shift.
+  const bits_t n1 = ((ni + bits_t(2048)) >> 1) - bits_t(1024);
+  const bits_t n2 = ni - n1;
+  const T s1 = from_bits<T>((n1 + static_cast<bits_t>(C::bias)) << C::mantissa_bits);
+  const T s2 = from_bits<T>((n2 + static_cast<bits_t>(C::bias)) << C::mantissa_bits);
+  T e = exp_reduced(r) * s1 * s2;
+  e = x < C::lo ? T(0) : e;
+  e = x > C::hi ? std::numeric_limits<T>::infinity() : e;
+  return e;
+}
+
+struct FastExp {
+  template <typename T>
+  IWAE_INLINE T operator()(T x) const { return fast_exp(x); }
+};
+
+constexpr int64_t kBlock = 1024;      // values per block of a row
+constexpr int64_t kTileCols = 64;     // columns per tile (inner > 1)
+constexpr int64_t kTileRows = 32;     // rows per block of a column tile
+constexpr int64_t kGrainValues = 16384;  // values per parallel task, at least
+
+// (max, sum exp(x - shift(max))) of n <= kBlock values. The sum uses an explicit lane array
+// of one 64-byte vector (GCC 12 does not vectorise fast_exp inside an `omp simd`
+// reduction for AVX2), and the last n % kLanes values, padded with -inf, run through the
+// same vector code.
+template <typename T>
+IWAE_INLINE void block_partial(const T* x, int64_t n, T& block_max, T& block_sum) {
+  constexpr int kLanes = 64 / sizeof(T);
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const int64_t n_full = n - n % kLanes;
+  T tail[kLanes];
+  for (int l = 0; l < kLanes; ++l) tail[l] = n_full + l < n ? x[n_full + l] : kNegInf;
+
+  T m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+
+  const T ref = lme_shift(m);
+  T acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) acc[l] = fast_exp(tail[l] - ref);
+  for (int64_t i = 0; i < n_full; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += fast_exp(x[i + l] - ref);
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  block_max = m;
+  block_sum = acc[0];
+}
+
+template <typename T>
+IWAE_INLINE void rows_forward(const T* x, T* out, int64_t K, int64_t r0, int64_t r1) {
+  const double log_k = std::log(static_cast<double>(K));
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* row = x + r * K;
+    T bm, bs;
+    block_partial(row, std::min(kBlock, K), bm, bs);
+    double m = bm, s = bs;
+    for (int64_t b = kBlock; b < K; b += kBlock) {
+      block_partial(row + b, std::min(kBlock, K - b), bm, bs);
+      lme_combine<double>(m, s, bm, bs);
+    }
+    out[r] = static_cast<T>(lme_finalize(m, s, log_k));
+  }
+}
+
+template <typename T>
+IWAE_INLINE void rows_backward(const T* grad_out, const T* x, const T* out, T* grad_x,
+                               int64_t K, int64_t r0, int64_t r1) {
+  const double log_k = std::log(static_cast<double>(K));
+  for (int64_t r = r0; r < r1; ++r) {
+    const T g = grad_out[r];
+    const T lse = static_cast<T>(out[r] + log_k);
+    const T* row = x + r * K;
+    T* grow = grad_x + r * K;
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) grow[k] = lme_grad(g, row[k], lse, FastExp{});
+  }
+}
+
+// Columns [c0, c1) of one [K, inner] slab, in tiles of kTileCols columns and blocks of
+// kTileRows rows, so that both passes over a block stay in L1.
+template <typename T>
+IWAE_INLINE void cols_forward(const T* x, T* out, int64_t K, int64_t inner, int64_t c0,
+                              int64_t c1) {
+  const double log_k = std::log(static_cast<double>(K));
+  for (int64_t c = c0; c < c1; c += kTileCols) {
+    const int64_t w = std::min(kTileCols, c1 - c);
+    double m[kTileCols], s[kTileCols];
+    T bm[kTileCols], bs[kTileCols], ref[kTileCols];
+    for (int64_t j = 0; j < w; ++j) {
+      m[j] = -std::numeric_limits<double>::infinity();
+      s[j] = 0.0;
+    }
+    for (int64_t k0 = 0; k0 < K; k0 += kTileRows) {
+      const int64_t k1 = std::min(K, k0 + kTileRows);
+      for (int64_t j = 0; j < w; ++j) bm[j] = -std::numeric_limits<T>::infinity();
+      for (int64_t k = k0; k < k1; ++k) {
+        const T* row = x + k * inner + c;
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) bm[j] = row[j] > bm[j] ? row[j] : bm[j];
+      }
+      for (int64_t j = 0; j < w; ++j) {
+        ref[j] = lme_shift(bm[j]);
+        bs[j] = 0;
+      }
+      for (int64_t k = k0; k < k1; ++k) {
+        const T* row = x + k * inner + c;
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) bs[j] += fast_exp(row[j] - ref[j]);
+      }
+      for (int64_t j = 0; j < w; ++j) lme_combine<double>(m[j], s[j], bm[j], bs[j]);
+    }
+    for (int64_t j = 0; j < w; ++j) out[c + j] = static_cast<T>(lme_finalize(m[j], s[j], log_k));
+  }
+}
+
+template <typename T>
+IWAE_INLINE void cols_backward(const T* grad_out, const T* x, const T* out, T* grad_x,
+                               int64_t K, int64_t inner, int64_t c0, int64_t c1) {
+  const double log_k = std::log(static_cast<double>(K));
+  for (int64_t c = c0; c < c1; c += kTileCols) {
+    const int64_t w = std::min(kTileCols, c1 - c);
+    T lse[kTileCols];
+    for (int64_t j = 0; j < w; ++j) lse[j] = static_cast<T>(out[c + j] + log_k);
+    const T* g = grad_out + c;
+    for (int64_t k = 0; k < K; ++k) {
+      const T* row = x + k * inner + c;
+      T* grow = grad_x + k * inner + c;
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) grow[j] = lme_grad(g[j], row[j], lse[j], FastExp{});
+    }
+  }
+}
+
+// One entry point per loop and dtype, each cloned per ISA.
+#define IWAE_LME_CLONES(T)                                                               \
+  IWAE_SIMD_CLONES void lme_rows_forward(const T* x, T* out, int64_t K, int64_t r0,     \
+                                         int64_t r1) {                                   \
+    rows_forward<T>(x, out, K, r0, r1);                                                  \
+  }                                                                                      \
+  IWAE_SIMD_CLONES void lme_rows_backward(const T* g, const T* x, const T* out, T* gx,  \
+                                          int64_t K, int64_t r0, int64_t r1) {           \
+    rows_backward<T>(g, x, out, gx, K, r0, r1);                                          \
+  }                                                                                      \
+  IWAE_SIMD_CLONES void lme_cols_forward(const T* x, T* out, int64_t K, int64_t inner,  \
+                                         int64_t c0, int64_t c1) {                       \
+    cols_forward<T>(x, out, K, inner, c0, c1);                                           \
+  }                                                                                      \
+  IWAE_SIMD_CLONES void lme_cols_backward(const T* g, const T* x, const T* out, T* gx,  \
+                                          int64_t K, int64_t inner, int64_t c0,          \
+                                          int64_t c1) {                                  \
+    cols_backward<T>(g, x, out, gx, K, inner, c0, c1);                                   \
+  }
+
+IWAE_LME_CLONES(float)
+IWAE_LME_CLONES(double)
+#undef IWAE_LME_CLONES
+
+// Work items: rows (inner == 1) or (outer, column tile) pairs, each worth `per_item`
+// values; a task gets at least kGrainValues values.
+int64_t grain(int64_t per_item) { return std::max<int64_t>(1, kGrainValues / std::max<int64_t>(per_item, 1)); }
+
+at::Tensor logmeanexp_cpu(const at::Tensor& logw, int64_t dim) {
+  const LmeLayout L = lme_layout(logw, dim, "logmeanexp");
+  TORCH_CHECK(logw.scalar_type() == at::kFloat || logw.scalar_type() == at::kDouble,
+              "logmeanexp: logw must be float32 or float64 on the CPU, got ", logw.scalar_type());
+  at::Tensor out = at::empty(lme_out_shape(logw, L.dim), logw.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(logw.scalar_type(), "logmeanexp_cpu", [&] {
+    const scalar_t* x = L.x.const_data_ptr<scalar_t>();
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    if (L.inner == 1) {
+      at::parallel_for(0, L.outer, grain(L.K), [&](int64_t r0, int64_t r1) {
+        lme_rows_forward(x, y, L.K, r0, r1);
+      });
+    } else {
+      const int64_t tiles = (L.inner + kTileCols - 1) / kTileCols;
+      at::parallel_for(0, L.outer * tiles, grain(L.K * kTileCols), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t o = i / tiles, c0 = (i % tiles) * kTileCols;
+          lme_cols_forward(x + o * L.K * L.inner, y + o * L.inner, L.K, L.inner, c0,
+                           std::min(L.inner, c0 + kTileCols));
+        }
+      });
+    }
+  });
+  return out;
+}
+
+at::Tensor logmeanexp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& logw,
+                                   const at::Tensor& out, int64_t dim) {
+  LmeBackwardArgs a = lme_backward_args(grad_out, logw, out, dim, "logmeanexp_backward");
+  TORCH_CHECK(logw.scalar_type() == at::kFloat || logw.scalar_type() == at::kDouble,
+              "logmeanexp_backward: logw must be float32 or float64 on the CPU, got ",
+              logw.scalar_type());
+  if (logw.numel() == 0) return a.grad_logw;
+  const LmeLayout& L = a.in;
+  AT_DISPATCH_FLOATING_TYPES(logw.scalar_type(), "logmeanexp_backward_cpu", [&] {
+    const scalar_t* g = a.grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* x = L.x.const_data_ptr<scalar_t>();
+    const scalar_t* y = a.out.const_data_ptr<scalar_t>();
+    scalar_t* gx = a.grad_x.mutable_data_ptr<scalar_t>();
+    if (L.inner == 1) {
+      at::parallel_for(0, L.outer, grain(L.K), [&](int64_t r0, int64_t r1) {
+        lme_rows_backward(g, x, y, gx, L.K, r0, r1);
+      });
+    } else {
+      const int64_t tiles = (L.inner + kTileCols - 1) / kTileCols;
+      at::parallel_for(0, L.outer * tiles, grain(L.K * kTileCols), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t o = i / tiles, c0 = (i % tiles) * kTileCols;
+          const int64_t slab = o * L.K * L.inner;
+          lme_cols_backward(g + o * L.inner, x + slab, y + o * L.inner, gx + slab, L.K,
+                            L.inner, c0, std::min(L.inner, c0 + kTileCols));
+        }
+      });
+    }
+  });
+  lme_backward_finish(a);
+  return a.grad_logw;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(iwae_ext, CPU, m) {
+  m.impl("logmeanexp", &logmeanexp_cpu);
+  m.impl("logmeanexp_backward", &logmeanexp_backward_cpu);
+}
+
+}  // namespace iwae_ext

@@ -1,0 +1,130 @@
+// The one schema list of the iwae_ext operator library, the layout logic the kernels of
+// every device share, and the Python module iwae_ext._C (whose attributes record how the
+// extension was built). Kernels register themselves in csrc/cpu/*.cpp and csrc/cuda/*.cu.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/headeronly/version.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "logmeanexp.h"
+
+#ifndef IWAE_EXT_CUDA_ARCH_LIST
+#define IWAE_EXT_CUDA_ARCH_LIST ""
+#endif
+
+namespace iwae_ext {
+
+std::vector<int64_t> lme_out_shape(const at::Tensor& logw, int64_t dim) {
+  std::vector<int64_t> shape(logw.sizes().begin(), logw.sizes().end());
+  shape.erase(shape.begin() + dim);
+  return shape;
+}
+
+static int64_t prod(at::IntArrayRef sizes, int64_t begin, int64_t end) {
+  int64_t p = 1;
+  for (int64_t i = begin; i < end; ++i) p *= sizes[i];
+  return p;
+}
+
+LmeLayout lme_layout(const at::Tensor& logw, int64_t dim, const char* op) {
+  TORCH_CHECK(logw.dim() >= 1, op, ": logw must have at least one dimension, got a scalar");
+  TORCH_CHECK(at::isFloatingType(logw.scalar_type()), op,
+              ": logw must be a floating-point tensor, got ", logw.scalar_type());
+  TORCH_CHECK(dim >= -logw.dim() && dim < logw.dim(), op, ": dim must be in [",
+              -logw.dim(), ", ", logw.dim() - 1, "] for logw of shape ", logw.sizes(),
+              ", got ", dim);
+  if (dim < 0) dim += logw.dim();
+  LmeLayout L;
+  L.dim = dim;
+  L.K = logw.size(dim);
+  TORCH_CHECK(L.K > 0, op, ": logw has no samples to average along dim ", dim,
+              " (size 0); the log-mean-exp of an empty set is undefined");
+  const auto sizes = logw.sizes();
+  at::Tensor moved = logw.movedim(dim, -1);
+  if (moved.is_contiguous()) {
+    // Rows of K contiguous values; this also covers a transposed input reduced along
+    // its contiguous dimension, without a copy.
+    L.x = moved;
+    L.outer = logw.numel() / L.K;
+  } else if (logw.is_contiguous()) {
+    L.x = logw;
+    L.outer = prod(sizes, 0, dim);
+    L.inner = prod(sizes, dim + 1, logw.dim());
+  } else {
+    L.x = moved.contiguous();
+    L.outer = logw.numel() / L.K;
+    L.copied = true;
+  }
+  return L;
+}
+
+LmeBackwardArgs lme_backward_args(const at::Tensor& grad_out, const at::Tensor& logw,
+                                  const at::Tensor& out, int64_t dim, const char* op) {
+  LmeBackwardArgs a;
+  a.in = lme_layout(logw, dim, op);
+  dim = a.in.dim;
+  const auto out_shape = lme_out_shape(logw, dim);
+  IWAE_CHECK_SAME_DTYPE("logmeanexp_backward", "grad_out", grad_out, "logw", logw);
+  IWAE_CHECK_SAME_DTYPE("logmeanexp_backward", "out", out, "logw", logw);
+  IWAE_CHECK_SAME_DEVICE("logmeanexp_backward", "grad_out", grad_out, "logw", logw);
+  IWAE_CHECK_SAME_DEVICE("logmeanexp_backward", "out", out, "logw", logw);
+  IWAE_CHECK_SHAPE("logmeanexp_backward", "grad_out", grad_out, at::IntArrayRef(out_shape));
+  IWAE_CHECK_SHAPE("logmeanexp_backward", "out", out, at::IntArrayRef(out_shape));
+  a.grad_out = grad_out.contiguous();
+  a.out = out.contiguous();
+  a.grad_logw = at::empty_like(logw);
+  // Write straight into grad_logw when it has the layout the kernel reads logw in (always,
+  // unless logw was copied); otherwise into a buffer laid out like in.x, copied back after.
+  at::Tensor direct = a.in.inner == 1 ? a.grad_logw.movedim(dim, -1) : a.grad_logw;
+  a.write_back = a.in.copied || !direct.is_contiguous();
+  a.grad_x = a.write_back ? at::empty_like(a.in.x) : direct;
+  return a;
+}
+
+void lme_backward_finish(LmeBackwardArgs& a) {
+  if (!a.write_back) return;
+  if (a.in.inner == 1)
+    a.grad_logw.movedim(a.in.dim, -1).copy_(a.grad_x);
+  else
+    a.grad_logw.copy_(a.grad_x);
+}
+
+}  // namespace iwae_ext
+
+TORCH_LIBRARY(iwae_ext, m) {
+  m.def("logmeanexp(Tensor logw, int dim) -> Tensor");
+  m.def("logmeanexp_backward(Tensor grad_out, Tensor logw, Tensor out, int dim) -> Tensor");
+}
+
+// iwae_ext._C: importing it loads this library (and so registers the ops); its attributes
+// say how it was built, for iwae_ext.build_info() and the version check at import.
+static PyModuleDef iwae_ext_module = {PyModuleDef_HEAD_INIT, "_C",
+                                      "iwae_ext's compiled operators (see torch.ops.iwae_ext)",
+                                      -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&iwae_ext_module);
+  if (m == nullptr) return nullptr;
+#define STR2(x) #x
+#define STR(x) STR2(x)
+  const char* torch_version =
+      STR(TORCH_VERSION_MAJOR) "." STR(TORCH_VERSION_MINOR) "." STR(TORCH_VERSION_PATCH);
+#undef STR
+#undef STR2
+#ifdef _OPENMP
+  const long openmp = _OPENMP;
+#else
+  const long openmp = 0;
+#endif
+  if (PyModule_AddStringConstant(m, "built_with_torch", torch_version) < 0 ||
+      PyModule_AddStringConstant(m, "cuda_arch_list", IWAE_EXT_CUDA_ARCH_LIST) < 0 ||
+      PyModule_AddIntConstant(m, "openmp", openmp) < 0 ||
+      PyModule_AddStringConstant(m, "compiler", __VERSION__) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

@@ -1,0 +1,102 @@
+// Arithmetic of the log-mean-exp reduction shared by the CPU and CUDA kernels, and the
+// layout every kernel sees. The kernels differ only in how they split the work.
+//
+// A partial reduction of values x_1..x_n is the pair (m, s) with m = max_i x_i and
+// s = sum_i exp(x_i - m). Pairs combine associatively, which is what lets a row be
+// reduced in blocks, lanes, warps or thread blocks in any order.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <limits>
+
+namespace iwae_ext {
+
+#if defined(__CUDACC__)
+#define IWAE_EXP(x) ::exp(x)
+#define IWAE_LOG(x) ::log(x)
+#else
+#define IWAE_EXP(x) std::exp(x)
+#define IWAE_LOG(x) std::log(x)
+#endif
+
+// Merge the partial (m2, s2) into (m, s). Infinities and NaN need no special casing by
+// callers: a block whose maximum is -inf contributes s2 = 0 (or NaN if it held a NaN),
+// equal maxima (both +inf included) add their sums, and a NaN anywhere reaches s.
+template <typename acc_t>
+C10_HOST_DEVICE inline void lme_combine(acc_t& m, acc_t& s, acc_t m2, acc_t s2) {
+  if (m2 > m) {
+    s = s * IWAE_EXP(m - m2) + s2;
+    m = m2;
+  } else if (m2 == m) {
+    s += s2;
+  } else {
+    s += s2 * IWAE_EXP(m2 - m);
+  }
+}
+
+// The reference point a block subtracts before exponentiating: its maximum when that is
+// finite, else 0, so that a block of -inf sums to 0 (not exp(-inf + inf) = NaN) and a
+// block holding +inf sums to +inf.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t lme_shift(acc_t block_max) {
+  return (block_max > -std::numeric_limits<acc_t>::infinity() &&
+          block_max < std::numeric_limits<acc_t>::infinity())
+             ? block_max
+             : acc_t(0);
+}
+
+// log((1/K) sum exp(x)) from the final pair: NaN if any input was NaN, -inf for a row of
+// -inf, +inf if the row holds +inf.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t lme_finalize(acc_t m, acc_t s, acc_t log_k) {
+  if (s != s) return s;
+  if (m == -std::numeric_limits<acc_t>::infinity() ||
+      m == std::numeric_limits<acc_t>::infinity())
+    return m;
+  return m + IWAE_LOG(s) - log_k;
+}
+
+// d out / d x_k = softmax(x)_k = exp(x_k - (out + log K)). A row whose output is -inf
+// has zero gradient: every x_k is -inf, and exp(-inf + inf) would be NaN.
+// `exp` is the device's exponential (the CPU passes its vectorisable one).
+template <typename acc_t, typename Exp>
+C10_HOST_DEVICE inline acc_t lme_grad(acc_t grad_out, acc_t x, acc_t lse, Exp exp) {
+  return lse == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : grad_out * exp(x - lse);
+}
+
+// How a kernel sees logw: [outer, K, inner] in memory, reduced over K. inner == 1 is the
+// row case (K contiguous values per row); inner > 1 reduces columns of a contiguous slab.
+struct LmeLayout {
+  at::Tensor x;           // the tensor the kernel reads (a view of logw, or a copy)
+  int64_t dim = 0;        // the reduced dimension, wrapped into [0, logw.dim())
+  int64_t outer = 1;
+  int64_t K = 1;
+  int64_t inner = 1;
+  bool copied = false;    // x is a contiguous copy of logw.movedim(dim, -1)
+};
+
+// Checks shared by every device's kernels; wraps dim and chooses the layout.
+LmeLayout lme_layout(const at::Tensor& logw, int64_t dim, const char* op);
+
+// Output shape: logw's shape without dim.
+std::vector<int64_t> lme_out_shape(const at::Tensor& logw, int64_t dim);
+
+// Checks of the backward's arguments; returns the layouts of logw and of grad_logw (which
+// is allocated here with empty_like(logw)), plus contiguous grad_out and out.
+struct LmeBackwardArgs {
+  LmeLayout in;
+  at::Tensor grad_out;    // contiguous, [outer * inner]
+  at::Tensor out;         // contiguous, [outer * inner]
+  at::Tensor grad_logw;   // empty_like(logw): what the op returns
+  at::Tensor grad_x;      // where the kernel writes, laid out like in.x
+  bool write_back = false;  // grad_x is a buffer to copy into grad_logw afterwards
+};
+LmeBackwardArgs lme_backward_args(const at::Tensor& grad_out, const at::Tensor& logw,
+                                  const at::Tensor& out, int64_t dim, const char* op);
+// After the kernel wrote grad_x: copy it into grad_logw when they differ.
+void lme_backward_finish(LmeBackwardArgs& args);
+
+}  // namespace iwae_ext

@@ -1,0 +1,39 @@
+"""iwae_ext: fused C++/CUDA ops and models for importance-weighted generative models.
+
+The compiled operators live in ``torch.ops.iwae_ext``; ``iwae_ext.ops`` holds their typed,
+differentiable wrappers and ``iwae_ext.ops.reference`` their pure-PyTorch twins.
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _extension
+
+_C = _extension.load()
+
+from . import ops  # noqa: E402  (registers fake kernels and autograd)
+
+__version__ = "0.1.0"
+
+__all__ = ["build_info", "ops", "__version__"]
+
+
+def build_info() -> dict:
+    """What was compiled: versions, whether CUDA kernels were built, arch list, OpenMP.
+
+    ``ops`` maps each operator to the devices that have a kernel for it.
+    """
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    op_names = [f"iwae_ext::{name}" for name in ops.OP_NAMES]
+    devices = {name: [d for d in ("CPU", "CUDA") if has(name, d)] for name in op_names}
+    cuda_kernels = any("CUDA" in d for d in devices.values())
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "built_with_torch": _C.built_with_torch,
+        "cuda_kernels": cuda_kernels,
+        "cuda_arch_list": _C.cuda_arch_list.split() if cuda_kernels else [],
+        "torch_cuda_version": torch.version.cuda,
+        "openmp": bool(_C.openmp),
+        "openmp_version": _C.openmp or None,
+        "compiler": _C.compiler,
+        "ops": devices,
+    }

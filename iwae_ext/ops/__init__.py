@@ -1,0 +1,12 @@
+"""Typed, differentiable wrappers of the compiled operators (``torch.ops.iwae_ext``).
+
+Each op has CPU and CUDA kernels, a fake kernel (shape inference for torch.compile),
+autograd, and a pure-PyTorch twin in :mod:`iwae_ext.ops.reference`.
+"""
+from . import reference
+from ._logmeanexp import logmeanexp, logmeanexp_backward
+
+# Every operator of the library, as named in torch.ops.iwae_ext.
+OP_NAMES = ("logmeanexp", "logmeanexp_backward")
+
+__all__ = ["logmeanexp", "logmeanexp_backward", "reference", "OP_NAMES"]

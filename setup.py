@@ -1,0 +1,74 @@
+"""Build of iwae_ext._C: CPU kernels always, CUDA kernels when asked for or found.
+
+Environment switches (read at build time):
+  IWAE_EXT_CUDA          "auto" (default): build the CUDA kernels when torch is a CUDA build
+                         and nvcc is found; "1": build them or fail; "0": CPU only.
+  TORCH_CUDA_ARCH_LIST   CUDA architectures; with no GPU visible it defaults to "9.0"
+                         (H100/H200). With a GPU visible, torch picks that GPU's arch.
+  MAX_JOBS               parallel compile jobs (ninja).
+  IWAE_EXT_DEBUG=1       -O0 -g, for gdb.
+Install with `pip install --no-build-isolation -e .` so that the extension is compiled
+against the torch that will import it.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_requested() -> bool:
+    mode = os.environ.get("IWAE_EXT_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"setup.py: IWAE_EXT_CUDA must be auto, 0 or 1, got {mode!r}")
+    usable = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if mode == "1" and not usable:
+        sys.exit(
+            "setup.py: IWAE_EXT_CUDA=1 but "
+            + ("torch is a CPU-only build" if torch.version.cuda is None
+               else "nvcc was not found (set CUDA_HOME, e.g. /usr/local/cuda)")
+        )
+    return mode == "1" or (mode == "auto" and usable)
+
+
+def _extension():
+    with_cuda = _cuda_requested()
+    debug = os.environ.get("IWAE_EXT_DEBUG") == "1"
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-fopenmp", "-std=c++17"]
+    arch_list = ""
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        # CUDA wheels of torch ship the cuBLAS/cuSPARSE headers that ATen/cuda needs here.
+        for site in sys.path:
+            for sub in ("cu13", "cu12"):
+                inc = os.path.join(site, "nvidia", sub, "include")
+                if os.path.isdir(inc) and inc not in include_dirs:
+                    include_dirs.append(inc)
+    cxx.append(f'-DIWAE_EXT_CUDA_ARCH_LIST="{arch_list}"')
+    nvcc = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    ext_cls = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    return ext_cls(
+        name="iwae_ext._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
