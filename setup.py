@@ -42,7 +42,7 @@ def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp", "-std=c++17"]
+    cxx = opt + ["-fopenmp"]  # torch adds the -std= its headers need
     arch_list = ""
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
@@ -57,7 +57,7 @@ def _extension():
                 if os.path.isdir(inc) and inc not in include_dirs:
                     include_dirs.append(inc)
     cxx.append(f'-DIWAE_EXT_CUDA_ARCH_LIST="{arch_list}"')
-    nvcc = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
     ext_cls = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     return ext_cls(
         name="iwae_ext._C",

@@ -3,7 +3,9 @@
 The compiled operators live in ``torch.ops.iwae_ext``; ``iwae_ext.ops`` holds their typed,
 differentiable wrappers and ``iwae_ext.ops.reference`` their pure-PyTorch twins.
 """
-import torch  # noqa: F401  (loads libtorch before the extension)
+import re
+
+import torch  # loads libtorch before the extension
 
 from . import _extension
 
@@ -30,7 +32,7 @@ def build_info() -> dict:
         "torch": torch.__version__,
         "built_with_torch": _C.built_with_torch,
         "cuda_kernels": cuda_kernels,
-        "cuda_arch_list": _C.cuda_arch_list.split() if cuda_kernels else [],
+        "cuda_arch_list": re.split(r"[;\s]+", _C.cuda_arch_list.strip()) if cuda_kernels else [],
         "torch_cuda_version": torch.version.cuda,
         "openmp": bool(_C.openmp),
         "openmp_version": _C.openmp or None,

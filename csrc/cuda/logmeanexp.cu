@@ -1,0 +1,277 @@
+// CUDA kernels of logmeanexp and its backward: float32, float64, float16 and bfloat16
+// inputs, accumulated in float32 (float64 for float64). The arithmetic is the shared
+// lme_combine / lme_finalize / lme_grad of csrc/logmeanexp.h; this file holds only the
+// parallel structure.
+//
+// Forward, rows of K contiguous values (inner == 1), by K:
+//   K <= 32:           a group of 4/8/16 lanes per row, several rows per warp;
+//   K <= 2048:         a warp per row;
+//   larger K:          a block per row;
+//   few rows, large K: each row split across blocks, whose partial (max, sum) pairs a
+//                      second small kernel combines (e.g. [20, 5000] on 132 SMs).
+// Forward, columns (inner > 1, reducing a non-last dim of a contiguous tensor): a thread
+// per column, reading consecutive columns with consecutive threads.
+// Backward: one elementwise kernel, grad = grad_out * exp(logw - (out + log K)).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include "../logmeanexp.h"
+
+namespace iwae_ext {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+constexpr int64_t kWarpMaxK = 2048;   // above: a block per row
+constexpr int kItemsPerThread = 4;    // independent loads in flight per thread
+
+// The partial of one value: (x, 1), or (-inf, 0) for x = -inf so that it adds nothing.
+template <typename acc_t>
+__device__ __forceinline__ void lme_push(acc_t& m, acc_t& s, acc_t x) {
+  lme_combine(m, s, x, x == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : acc_t(1));
+}
+
+// Combine (m, s) across `width` consecutive lanes (a power of two <= 32); every lane of
+// the group ends with the group's pair.
+template <typename acc_t>
+__device__ __forceinline__ void group_reduce(acc_t& m, acc_t& s, int width) {
+  for (int offset = width / 2; offset > 0; offset /= 2) {
+    const acc_t m2 = __shfl_xor_sync(0xffffffffu, m, offset, width);
+    const acc_t s2 = __shfl_xor_sync(0xffffffffu, s, offset, width);
+    lme_combine(m, s, m2, s2);
+  }
+}
+
+// The (m, s) pair of values x[begin + t], t = lane, lane + stride, ... below end, with
+// kItemsPerThread loads issued before their use.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void strided_partial(const scalar_t* __restrict__ x, int64_t begin,
+                                                int64_t end, int lane, int stride, acc_t& m,
+                                                acc_t& s) {
+  int64_t i = begin + lane;
+  for (; i + (kItemsPerThread - 1) * stride < end; i += kItemsPerThread * stride) {
+    acc_t v[kItemsPerThread];
+#pragma unroll
+    for (int u = 0; u < kItemsPerThread; ++u) v[u] = static_cast<acc_t>(x[i + u * stride]);
+#pragma unroll
+    for (int u = 0; u < kItemsPerThread; ++u) lme_push(m, s, v[u]);
+  }
+  for (; i < end; i += stride) lme_push(m, s, static_cast<acc_t>(x[i]));
+}
+
+// GROUP lanes per row (GROUP = 4, 8, 16 or 32), kThreads / GROUP rows per block.
+template <typename scalar_t, typename acc_t, int GROUP>
+__global__ void __launch_bounds__(kThreads)
+    rows_group_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t rows,
+                      int64_t K, acc_t log_k) {
+  const int lane = threadIdx.x % GROUP;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / GROUP) + threadIdx.x / GROUP;
+  acc_t m = -std::numeric_limits<acc_t>::infinity(), s = 0;
+  if (row < rows) strided_partial(x + row * K, 0, K, lane, GROUP, m, s);
+  group_reduce(m, s, GROUP);  // all lanes take part, so the full-warp mask is right
+  if (row < rows && lane == 0) out[row] = static_cast<scalar_t>(lme_finalize(m, s, log_k));
+}
+
+// (m, s) of a whole block; the result is valid in thread 0.
+template <typename acc_t>
+__device__ __forceinline__ void block_reduce(acc_t& m, acc_t& s) {
+  __shared__ acc_t sm[kThreads / kWarp], ss[kThreads / kWarp];
+  group_reduce(m, s, kWarp);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  if (lane == 0) {
+    sm[warp] = m;
+    ss[warp] = s;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < kThreads / kWarp ? sm[lane] : -std::numeric_limits<acc_t>::infinity();
+    s = lane < kThreads / kWarp ? ss[lane] : acc_t(0);
+    group_reduce(m, s, kWarp);
+  }
+}
+
+// Block b reduces chunk b % splits (of `chunk` values) of row b / splits. With one chunk
+// per row it writes the result; otherwise the partial pair, for combine_kernel.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    rows_block_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                      acc_t* __restrict__ partial_m, acc_t* __restrict__ partial_s, int64_t K,
+                      int64_t chunk, int splits, acc_t log_k) {
+  const int64_t row = blockIdx.x / splits;
+  const int part = blockIdx.x % splits;
+  const int64_t begin = static_cast<int64_t>(part) * chunk;
+  const int64_t end = min(K, begin + chunk);
+  acc_t m = -std::numeric_limits<acc_t>::infinity(), s = 0;
+  strided_partial(x + row * K, begin, end, threadIdx.x, kThreads, m, s);
+  block_reduce(m, s);
+  if (threadIdx.x == 0) {
+    if (splits == 1) {
+      out[row] = static_cast<scalar_t>(lme_finalize(m, s, log_k));
+    } else {
+      partial_m[blockIdx.x] = m;
+      partial_s[blockIdx.x] = s;
+    }
+  }
+}
+
+// A warp per row combines that row's `splits` partial pairs.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    combine_kernel(const acc_t* __restrict__ partial_m, const acc_t* __restrict__ partial_s,
+                   scalar_t* __restrict__ out, int64_t rows, int splits, acc_t log_k) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / kWarp) + threadIdx.x / kWarp;
+  acc_t m = -std::numeric_limits<acc_t>::infinity(), s = 0;
+  if (row < rows)
+    for (int j = lane; j < splits; j += kWarp)
+      lme_combine(m, s, partial_m[row * splits + j], partial_s[row * splits + j]);
+  group_reduce(m, s, kWarp);
+  if (row < rows && lane == 0) out[row] = static_cast<scalar_t>(lme_finalize(m, s, log_k));
+}
+
+// A thread per column c of slab o: values x[(o * K + k) * inner + c], k < K.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    cols_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t outer,
+                int64_t K, int64_t inner, acc_t log_k) {
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (col >= outer * inner) return;
+  const int64_t o = col / inner, c = col % inner;
+  const scalar_t* base = x + o * K * inner + c;
+  acc_t m = -std::numeric_limits<acc_t>::infinity(), s = 0;
+  for (int64_t k = 0; k < K; ++k) lme_push(m, s, static_cast<acc_t>(base[k * inner]));
+  out[col] = static_cast<scalar_t>(lme_finalize(m, s, log_k));
+}
+
+struct DeviceExp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T v) const { return ::exp(v); }
+};
+
+// grad_x[(o * K + k) * inner + c] from grad_out and out at o * inner + c.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
+                    const scalar_t* __restrict__ out, scalar_t* __restrict__ grad_x,
+                    int64_t numel, int64_t K, int64_t inner, acc_t log_k) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < numel;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t j = inner == 1 ? i / K : (i / (K * inner)) * inner + i % inner;
+    const acc_t lse = static_cast<acc_t>(out[j]) + log_k;
+    grad_x[i] = static_cast<scalar_t>(lme_grad(static_cast<acc_t>(grad_out[j]),
+                                               static_cast<acc_t>(x[i]), lse, DeviceExp{}));
+  }
+}
+
+int multiprocessors() {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+int64_t blocks_for(int64_t items, int64_t per_block) { return (items + per_block - 1) / per_block; }
+
+template <typename scalar_t>
+void launch_forward(const LmeLayout& L, at::Tensor& out, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = L.x.const_data_ptr<scalar_t>();
+  scalar_t* y = out.mutable_data_ptr<scalar_t>();
+  const acc_t log_k = static_cast<acc_t>(std::log(static_cast<double>(L.K)));
+  const int64_t rows = L.outer;
+  if (L.inner > 1) {
+    cols_kernel<scalar_t, acc_t><<<blocks_for(L.outer * L.inner, kThreads), kThreads, 0, stream>>>(
+        x, y, L.outer, L.K, L.inner, log_k);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  if (L.K <= kWarpMaxK) {
+    const int group = L.K <= 4 ? 4 : L.K <= 8 ? 8 : L.K <= 16 ? 16 : kWarp;
+    const int64_t blocks = blocks_for(rows, kThreads / group);
+    switch (group) {
+      case 4: rows_group_kernel<scalar_t, acc_t, 4><<<blocks, kThreads, 0, stream>>>(x, y, rows, L.K, log_k); break;
+      case 8: rows_group_kernel<scalar_t, acc_t, 8><<<blocks, kThreads, 0, stream>>>(x, y, rows, L.K, log_k); break;
+      case 16: rows_group_kernel<scalar_t, acc_t, 16><<<blocks, kThreads, 0, stream>>>(x, y, rows, L.K, log_k); break;
+      default: rows_group_kernel<scalar_t, acc_t, kWarp><<<blocks, kThreads, 0, stream>>>(x, y, rows, L.K, log_k); break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  // A block per row; with too few rows to give every SM two blocks, split each row into
+  // chunks of at least 8 values per thread.
+  const int64_t target_blocks = 2 * static_cast<int64_t>(multiprocessors());
+  int64_t splits = 1;
+  if (rows < target_blocks) {
+    const int64_t max_splits = std::max<int64_t>(1, L.K / (8 * kThreads));
+    splits = std::min<int64_t>(max_splits, (target_blocks + rows - 1) / rows);
+  }
+  const int64_t chunk = (L.K + splits - 1) / splits;
+  splits = (L.K + chunk - 1) / chunk;
+  at::Tensor partial;
+  acc_t *pm = nullptr, *ps = nullptr;
+  if (splits > 1) {
+    partial = at::empty({2, rows * splits},
+                        out.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    pm = partial.mutable_data_ptr<acc_t>();
+    ps = pm + rows * splits;
+  }
+  rows_block_kernel<scalar_t, acc_t><<<rows * splits, kThreads, 0, stream>>>(
+      x, y, pm, ps, L.K, chunk, static_cast<int>(splits), log_k);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    combine_kernel<scalar_t, acc_t><<<blocks_for(rows, kThreads / kWarp), kThreads, 0, stream>>>(
+        pm, ps, y, rows, static_cast<int>(splits), log_k);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+at::Tensor logmeanexp_cuda(const at::Tensor& logw, int64_t dim) {
+  const LmeLayout L = lme_layout(logw, dim, "logmeanexp");
+  const c10::cuda::CUDAGuard guard(logw.device());
+  at::Tensor out = at::empty(lme_out_shape(logw, L.dim), logw.options());
+  if (out.numel() == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logw.scalar_type(), "logmeanexp_cuda",
+                                  [&] { launch_forward<scalar_t>(L, out, stream); });
+  return out;
+}
+
+at::Tensor logmeanexp_backward_cuda(const at::Tensor& grad_out, const at::Tensor& logw,
+                                    const at::Tensor& out, int64_t dim) {
+  LmeBackwardArgs a = lme_backward_args(grad_out, logw, out, dim, "logmeanexp_backward");
+  const c10::cuda::CUDAGuard guard(logw.device());
+  const int64_t numel = a.in.x.numel();
+  if (numel == 0) return a.grad_logw;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logw.scalar_type(), "logmeanexp_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const acc_t log_k = static_cast<acc_t>(std::log(static_cast<double>(a.in.K)));
+        const int64_t blocks =
+            std::min<int64_t>(blocks_for(numel, kThreads), 32LL * multiprocessors());
+        backward_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+            a.grad_out.const_data_ptr<scalar_t>(), a.in.x.const_data_ptr<scalar_t>(),
+            a.out.const_data_ptr<scalar_t>(), a.grad_x.mutable_data_ptr<scalar_t>(), numel,
+            a.in.K, a.in.inner, log_k);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  lme_backward_finish(a);
+  return a.grad_logw;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(iwae_ext, CUDA, m) {
+  m.impl("logmeanexp", &logmeanexp_cuda);
+  m.impl("logmeanexp_backward", &logmeanexp_backward_cuda);
+}
+
+}  // namespace iwae_ext
