@@ -139,31 +139,40 @@ constexpr int64_t kTileCols = 64;     // columns per tile (inner > 1)
 constexpr int64_t kTileRows = 32;     // rows per block of a column tile
 constexpr int64_t kGrainValues = 16384;  // values per parallel task, at least
 
-// (max, sum exp(x - shift(max))) of n <= kBlock values. The sum uses an explicit lane array
-// of one 64-byte vector (GCC 12 does not vectorise fast_exp inside an `omp simd`
-// reduction for AVX2), and the last n % kLanes values, padded with -inf, run through the
-// same vector code.
+// (max, sum exp(x - shift(max))) of n <= kBlock values, in lane arrays of one 64-byte
+// vector whose loops are `omp simd` (an explicit reduction: GCC 12 does not vectorise
+// fast_exp inside an `omp simd reduction` for AVX2). The last n % kLanes values, padded
+// with -inf by a masked load, run through the same vector code, so no scalar tail.
 template <typename T>
 IWAE_INLINE void block_partial(const T* x, int64_t n, T& block_max, T& block_sum) {
   constexpr int kLanes = 64 / sizeof(T);
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const int64_t n_full = n - n % kLanes;
-  T tail[kLanes];
-  for (int l = 0; l < kLanes; ++l) tail[l] = n_full + l < n ? x[n_full + l] : kNegInf;
-
+  const int64_t n_tail = n - n_full;
+  const T* xt = x + n_full;
+  T tail[kLanes], mx[kLanes], acc[kLanes];
+#pragma omp simd
+  for (int l = 0; l < kLanes; ++l) tail[l] = l < n_tail ? xt[l] : kNegInf;
+#pragma omp simd
+  for (int l = 0; l < kLanes; ++l) mx[l] = tail[l];
+  for (int64_t i = 0; i < n_full; i += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) mx[l] = x[i + l] > mx[l] ? x[i + l] : mx[l];
+  }
   T m = kNegInf;
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  for (int l = 0; l < kLanes; ++l) m = mx[l] > m ? mx[l] : m;
 
   const T ref = lme_shift(m);
-  T acc[kLanes];
+#pragma omp simd
   for (int l = 0; l < kLanes; ++l) acc[l] = fast_exp(tail[l] - ref);
-  for (int64_t i = 0; i < n_full; i += kLanes)
+  for (int64_t i = 0; i < n_full; i += kLanes) {
+#pragma omp simd
     for (int l = 0; l < kLanes; ++l) acc[l] += fast_exp(x[i + l] - ref);
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  }
+  T s = 0;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
   block_max = m;
-  block_sum = acc[0];
+  block_sum = s;
 }
 
 template <typename T>
