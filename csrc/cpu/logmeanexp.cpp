@@ -284,33 +284,45 @@ IWAE_LME_CLONES(float)
 IWAE_LME_CLONES(double)
 #undef IWAE_LME_CLONES
 
-// Work items: rows (inner == 1) or (outer, column tile) pairs, each worth `per_item`
+// Work items: rows (inner == 1) or (slab, column tile) pairs, each worth `per_item`
 // values; a task gets at least kGrainValues values.
 int64_t grain(int64_t per_item) { return std::max<int64_t>(1, kGrainValues / std::max<int64_t>(per_item, 1)); }
 
+// Runs rows(r0, r1) over ranges of rows, or cols(o, c0, c1) over column tiles of each
+// slab o, in parallel.
+template <typename Rows, typename Cols>
+void parallel_over(const LmeLayout& L, const Rows& rows, const Cols& cols) {
+  if (L.inner == 1) {
+    at::parallel_for(0, L.outer, grain(L.K), rows);
+    return;
+  }
+  const int64_t tiles = (L.inner + kTileCols - 1) / kTileCols;
+  at::parallel_for(0, L.outer * tiles, grain(L.K * kTileCols), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t o = i / tiles, c0 = (i % tiles) * kTileCols;
+      cols(o, c0, std::min(L.inner, c0 + kTileCols));
+    }
+  });
+}
+
+void check_cpu_dtype(const at::Tensor& logw, const char* op) {
+  TORCH_CHECK(logw.scalar_type() == at::kFloat || logw.scalar_type() == at::kDouble, op,
+              ": logw must be float32 or float64 on the CPU, got ", logw.scalar_type());
+}
+
 at::Tensor logmeanexp_cpu(const at::Tensor& logw, int64_t dim) {
   const LmeLayout L = lme_layout(logw, dim, "logmeanexp");
-  TORCH_CHECK(logw.scalar_type() == at::kFloat || logw.scalar_type() == at::kDouble,
-              "logmeanexp: logw must be float32 or float64 on the CPU, got ", logw.scalar_type());
+  check_cpu_dtype(logw, "logmeanexp");
   at::Tensor out = at::empty(lme_out_shape(logw, L.dim), logw.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(logw.scalar_type(), "logmeanexp_cpu", [&] {
     const scalar_t* x = L.x.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    if (L.inner == 1) {
-      at::parallel_for(0, L.outer, grain(L.K), [&](int64_t r0, int64_t r1) {
-        lme_rows_forward(x, y, L.K, r0, r1);
-      });
-    } else {
-      const int64_t tiles = (L.inner + kTileCols - 1) / kTileCols;
-      at::parallel_for(0, L.outer * tiles, grain(L.K * kTileCols), [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t o = i / tiles, c0 = (i % tiles) * kTileCols;
-          lme_cols_forward(x + o * L.K * L.inner, y + o * L.inner, L.K, L.inner, c0,
-                           std::min(L.inner, c0 + kTileCols));
-        }
-      });
-    }
+    parallel_over(
+        L, [&](int64_t r0, int64_t r1) { lme_rows_forward(x, y, L.K, r0, r1); },
+        [&](int64_t o, int64_t c0, int64_t c1) {
+          lme_cols_forward(x + o * L.K * L.inner, y + o * L.inner, L.K, L.inner, c0, c1);
+        });
   });
   return out;
 }
@@ -318,9 +330,7 @@ at::Tensor logmeanexp_cpu(const at::Tensor& logw, int64_t dim) {
 at::Tensor logmeanexp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& logw,
                                    const at::Tensor& out, int64_t dim) {
   LmeBackwardArgs a = lme_backward_args(grad_out, logw, out, dim, "logmeanexp_backward");
-  TORCH_CHECK(logw.scalar_type() == at::kFloat || logw.scalar_type() == at::kDouble,
-              "logmeanexp_backward: logw must be float32 or float64 on the CPU, got ",
-              logw.scalar_type());
+  check_cpu_dtype(logw, "logmeanexp_backward");
   if (logw.numel() == 0) return a.grad_logw;
   const LmeLayout& L = a.in;
   AT_DISPATCH_FLOATING_TYPES(logw.scalar_type(), "logmeanexp_backward_cpu", [&] {
@@ -328,21 +338,13 @@ at::Tensor logmeanexp_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
     const scalar_t* x = L.x.const_data_ptr<scalar_t>();
     const scalar_t* y = a.out.const_data_ptr<scalar_t>();
     scalar_t* gx = a.grad_x.mutable_data_ptr<scalar_t>();
-    if (L.inner == 1) {
-      at::parallel_for(0, L.outer, grain(L.K), [&](int64_t r0, int64_t r1) {
-        lme_rows_backward(g, x, y, gx, L.K, r0, r1);
-      });
-    } else {
-      const int64_t tiles = (L.inner + kTileCols - 1) / kTileCols;
-      at::parallel_for(0, L.outer * tiles, grain(L.K * kTileCols), [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t o = i / tiles, c0 = (i % tiles) * kTileCols;
+    parallel_over(
+        L, [&](int64_t r0, int64_t r1) { lme_rows_backward(g, x, y, gx, L.K, r0, r1); },
+        [&](int64_t o, int64_t c0, int64_t c1) {
           const int64_t slab = o * L.K * L.inner;
           lme_cols_backward(g + o * L.inner, x + slab, y + o * L.inner, gx + slab, L.K,
-                            L.inner, c0, std::min(L.inner, c0 + kTileCols));
-        }
-      });
-    }
+                            L.inner, c0, c1);
+        });
   });
   lme_backward_finish(a);
   return a.grad_logw;
