@@ -1,7 +1,7 @@
-// Autograd of the iwae_ext ops, in C++: a Python-registered autograd formula costs more
-// per call (about 5 us each way on the 2-core CPU) than the kernels at the sizes IWAE
-// training uses ([100, 50]), so the backward graph is built here. The backward ops
-// are themselves differentiable, which gives double backward.
+// Autograd of the iwae_ext ops, in C++: with a Python-registered autograd formula,
+// forward+backward of logmeanexp at [100, 50] took 38-40 us on the 2-core CPU against
+// 24-25 us with this one; the kernels cost less than the difference. The backward ops are
+// themselves differentiable, which gives double backward.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/neg.h>

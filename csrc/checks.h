@@ -4,15 +4,6 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#define IWAE_CHECK_FLOATING(op, name, t)                                          \
-  TORCH_CHECK(at::isFloatingType((t).scalar_type()), op ": " name                 \
-              " must be a floating-point tensor, got ", (t).scalar_type())
-
-#define IWAE_CHECK_CPU_FLOAT(op, name, t)                                         \
-  TORCH_CHECK((t).scalar_type() == at::kFloat || (t).scalar_type() == at::kDouble, \
-              op ": " name " must be float32 or float64 on the CPU, got ",         \
-              (t).scalar_type())
-
 #define IWAE_CHECK_SAME_DTYPE(op, name, t, ref_name, ref)                         \
   TORCH_CHECK((t).scalar_type() == (ref).scalar_type(), op ": " name              \
               " must have the dtype of " ref_name " (", (ref).scalar_type(),      \
