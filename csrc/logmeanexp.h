@@ -37,6 +37,13 @@ C10_HOST_DEVICE inline void lme_combine(acc_t& m, acc_t& s, acc_t m2, acc_t s2) 
   }
 }
 
+// Merge one value x into (m, s): its partial is (x, 1), or (-inf, 0) for x = -inf so
+// that it adds nothing (the CUDA kernels reduce value by value; the CPU, by blocks).
+template <typename acc_t>
+C10_HOST_DEVICE inline void lme_push(acc_t& m, acc_t& s, acc_t x) {
+  lme_combine(m, s, x, x == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : acc_t(1));
+}
+
 // The reference point a block subtracts before exponentiating: its maximum when that is
 // finite, else 0, so that a block of -inf sums to 0 (not exp(-inf + inf) = NaN) and a
 // block holding +inf sums to +inf.

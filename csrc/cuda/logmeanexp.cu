@@ -1,10 +1,10 @@
 // CUDA kernels of logmeanexp and its backward: float32, float64, float16 and bfloat16
 // inputs, accumulated in float32 (float64 for float64). The arithmetic is the shared
-// lme_combine / lme_finalize / lme_grad of csrc/logmeanexp.h; this file holds only the
-// parallel structure.
+// lme_push / lme_combine / lme_finalize / lme_grad of csrc/logmeanexp.h; this file holds
+// only the parallel structure.
 //
 // Forward, rows of K contiguous values (inner == 1), by K:
-//   K <= 32:           a group of 4/8/16 lanes per row, several rows per warp;
+//   K <= 16:           a group of 4, 8 or 16 lanes per row, several rows per warp;
 //   K <= 2048:         a warp per row;
 //   larger K:          a block per row;
 //   few rows, large K: each row split across blocks, whose partial (max, sum) pairs a
@@ -32,12 +32,6 @@ constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 constexpr int64_t kWarpMaxK = 2048;   // above: a block per row
 constexpr int kItemsPerThread = 4;    // independent loads in flight per thread
-
-// The partial of one value: (x, 1), or (-inf, 0) for x = -inf so that it adds nothing.
-template <typename acc_t>
-__device__ __forceinline__ void lme_push(acc_t& m, acc_t& s, acc_t x) {
-  lme_combine(m, s, x, x == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : acc_t(1));
-}
 
 // Combine (m, s) across `width` consecutive lanes (a power of two <= 32); every lane of
 // the group ends with the group's pair.
