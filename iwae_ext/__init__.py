@@ -1,7 +1,9 @@
 """iwae_ext: fused C++/CUDA ops and models for importance-weighted generative models.
 
 The compiled operators live in ``torch.ops.iwae_ext``; ``iwae_ext.ops`` holds their typed,
-differentiable wrappers and ``iwae_ext.ops.reference`` their pure-PyTorch twins.
+differentiable wrappers and ``iwae_ext.ops.reference`` their pure-PyTorch twins. On top:
+``data`` (data sets), ``models`` (VAE/IWAE modules), ``objectives`` (bounds and gradient
+estimators), ``train`` / ``TrainConfig`` / ``load_checkpoint`` (the trainer), ``evaluate``.
 """
 import re
 
@@ -12,10 +14,13 @@ from . import _extension
 _C = _extension.load()
 
 from . import ops  # noqa: E402  (registers fake kernels and autograd)
+from . import data, evaluate, models, objectives, plots  # noqa: E402
+from .train import TrainConfig, load_checkpoint, train  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "ops", "__version__"]
+__all__ = ["build_info", "ops", "data", "models", "objectives", "evaluate", "train", "TrainConfig",
+           "load_checkpoint", "__version__"]
 
 
 def build_info() -> dict:

@@ -1,0 +1,163 @@
+"""Command lines (argument parsing only): ``iwae-train`` and ``iwae-eval``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["train_main", "eval_main", "train_parser"]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive widths, got {text!r}")
+    return values
+
+
+def _hidden(text: str) -> list[list[int]]:
+    """'200,200' (one stochastic layer) or '200,200/100,100' (two)."""
+    return [_ints(part) for part in text.split("/")]
+
+
+def train_parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    S = argparse.SUPPRESS  # only flags given on the command line override the defaults
+    p = argparse.ArgumentParser(
+        prog="iwae-train",
+        description="Train a VAE or IWAE and evaluate it (test L_k, ELBO, active units). "
+                    "With no flags: IWAE k=5, 784-200-200-50 tanh, 30 epochs on the bundled "
+                    "binarized MNIST, test L_5000.")
+    a = p.add_argument
+    a("--model", choices=["vae", "iwae"], default=S, help=f"objective: ELBO or IWAE bound (default {d.model})")
+    a("--k", type=int, default=S, help=f"importance samples per data point (default {d.k})")
+    a("--layers", type=int, choices=[1, 2], default=S, help="stochastic layers (default 1)")
+    a("--hidden", type=_hidden, default=S,
+      help="hidden widths per stochastic layer, e.g. 200,200 or 200,200/100,100 (default: Burda's)")
+    a("--latent-dim", type=_ints, default=S, dest="latent_dim",
+      help="latent width(s), e.g. 50 or 100,50 (default: 50, or 100,50 for two layers)")
+    a("--activation", choices=["tanh", "relu", "sigmoid"], default=S, help="(default tanh)")
+    a("--decoder", choices=["bernoulli", "gaussian"], default=S,
+      help="likelihood (default: bernoulli for binary data, gaussian for frey)")
+    a("--dataset", choices=sorted(DATASETS), default=S, help=f"(default {d.dataset})")
+    a("--data-dir", dest="data_dir", default=S,
+      help="data root (default: $IWAE_EXT_DATA or ~/.cache/iwae_ext)")
+    a("--download", action="store_true", default=S, help="fetch missing files from their original URLs")
+    a("--batch-size", type=int, dest="batch_size", default=S, help=f"(default {d.batch_size})")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=int, default=S, help=f"passes over the training set (default {d.epochs})")
+    g.add_argument("--schedule", choices=["burda"], default=S,
+                   help="burda: stages i=0..7 of 3^i passes at lr 1e-3*10^(-i/7) (3,280 passes)")
+    a("--lr", type=float, default=S, help=f"Adam learning rate (default {d.lr})")
+    a("--estimator", choices=["standard", "stl", "dreg"], default=S,
+      help="encoder gradient estimator (default standard)")
+    a("--kl", choices=["mc", "analytic"], default=S,
+      help="VAE KL term: Monte Carlo (L^A) or analytic (L^B; the default for a one-layer VAE)")
+    a("--eval-k", type=int, dest="eval_k", default=S, help=f"samples for the test L_k (default {d.eval_k})")
+    a("--eval-batch-size", type=int, dest="eval_batch_size", default=S, help=argparse.SUPPRESS)
+    a("--train-eval-size", type=int, dest="train_eval_size", default=S,
+      help=f"training images for train_log_likelihood, 0 = all (default {d.train_eval_size})")
+    a("--subset", type=int, default=S,
+      help="train and evaluate on this many images of each split (a seeded random choice; smoke tests)")
+    a("--seed", type=int, default=S, help=f"(default {d.seed})")
+    a("--device", default=S, help="cpu, cuda, cuda:1 or auto (default auto)")
+    a("--out", default=S, help="run directory (default: runs/<model>-k<k>-<dataset>-<time>)")
+    a("--resume", action="store_true", default=S, help="continue the run in --out exactly")
+    a("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
+    a("--reference-ops", dest="fused", action="store_false", default=S,
+      help="reduce with the pure-PyTorch twin instead of the fused op (for comparisons)")
+    return p
+
+
+def train_main(argv=None) -> int:
+    import time
+
+    from .data import DataError
+    from .train import NonFiniteLossError, TrainConfig, train
+
+    args = vars(train_parser().parse_args(argv))
+    if "out" not in args:
+        if args.get("resume"):
+            print("iwae-train: --resume needs --out (the run directory)", file=sys.stderr)
+            return 2
+        d = TrainConfig()
+        args["out"] = "runs/{}-k{}-{}-{}".format(args.get("model", d.model), args.get("k", d.k),
+                                                 args.get("dataset", d.dataset),
+                                                 time.strftime("%Y%m%d-%H%M%S"))
+    try:
+        metrics = train(**args)
+    except NonFiniteLossError as e:
+        print(f"iwae-train: {e}", file=sys.stderr)
+        return 1
+    except (DataError, ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"iwae-train: error: {e}", file=sys.stderr)
+        return 2
+    if metrics.get("stopped"):
+        return 130
+    t = metrics["timings"]
+    print(f"test log-likelihood L_{metrics['eval_k']}: {metrics['test_log_likelihood']:.2f} nats "
+          f"(+- {metrics['test_log_likelihood_stderr']:.2f}, {metrics['n_test']} test images); "
+          f"test ELBO {metrics['test_elbo']:.2f}; train L_{metrics['eval_k']} "
+          f"{metrics['train_log_likelihood']:.2f}; active units {metrics['active_units']}; "
+          f"{t['seconds_per_epoch']:.1f} s/epoch; run in {args['out']}")
+    return 0
+
+
+def eval_main(argv=None) -> int:
+    import math
+
+    import torch
+
+    from . import evaluate
+    from .data import DataError, load_dataset
+    from .train import load_checkpoint
+
+    p = argparse.ArgumentParser(prog="iwae-eval", description="Evaluate a training run's checkpoint.")
+    p.add_argument("checkpoint", help="checkpoint.pt or a run directory")
+    p.add_argument("--k", type=int, default=5000, help="importance samples for L_k (default 5000)")
+    p.add_argument("--split", default="test", help="data split (default test)")
+    p.add_argument("--limit", type=int, default=0,
+                   help="evaluate N images, a seeded random choice (0: all)")
+    p.add_argument("--dataset", default=None, help="default: the run's data set")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-point", metavar="PATH", help="also save per-data-point L_k and ELBO (.pt)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args(argv)
+    try:
+        model, ckpt = load_checkpoint(args.checkpoint, map_location=args.device, with_state=True)
+        dataset = load_dataset(args.dataset or ckpt["config"]["dataset"], args.data_dir)
+        gen = torch.Generator().manual_seed(args.seed)
+        x = dataset.batch(args.split, slice(None), gen)
+    except (DataError, ValueError, FileNotFoundError, KeyError) as e:
+        print(f"iwae-eval: error: {e}", file=sys.stderr)
+        return 2
+    if args.limit:  # a random choice, never a prefix (the test split is sorted by digit)
+        x = x[torch.randperm(x.shape[0], generator=gen)[:args.limit]]
+    torch.manual_seed(args.seed)
+    b = evaluate.bounds(model, x, args.k, args.batch_size, progress=args.progress)
+    units = evaluate.active_units(model, x)
+    result = {
+        "checkpoint": args.checkpoint, "split": args.split, "n": x.shape[0], "k": args.k,
+        "log_likelihood": float(b.log_likelihood.mean()),
+        "log_likelihood_stderr": float(b.log_likelihood.std() / math.sqrt(x.shape[0])) if x.shape[0] > 1 else None,
+        "elbo": float(b.elbo.mean()),
+        "active_units": units["active"],
+        "reconstruction_error": float(evaluate.reconstruction_error(model, x).mean()),
+    }
+    if args.per_point:
+        torch.save({"log_likelihood": b.log_likelihood, "elbo": b.elbo}, args.per_point)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(train_main())

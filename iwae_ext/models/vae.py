@@ -1,0 +1,338 @@
+"""MLP encoders and decoders and the VAE/IWAE model with one or two stochastic layers.
+
+Architectures of Burda et al. (2016): 784-200-200-50 (one stochastic layer) and
+784-[200,200]-100-[100,100]-50 (two), tanh, Bernoulli output; Kingma & Welling's Gaussian
+decoder (mean and log-variance) for continuous data such as Frey Face (paper 003).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Distribution, constraints
+from torch.func import functional_call
+
+LOG_2PI = math.log(2 * math.pi)
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}
+LIKELIHOODS = ("bernoulli", "gaussian")
+
+
+def normal_log_prob(z: Tensor, loc: Tensor, logvar: Tensor) -> Tensor:
+    """Sum over the last dim of log N(z; loc, exp(logvar)); broadcasts; [..., Z] -> [...]."""
+    return -0.5 * (LOG_2PI + logvar + (z - loc).square() * torch.exp(-logvar)).sum(-1)
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """Sum over the last dim of log N(z; 0, I); [..., Z] -> [...]."""
+    return -0.5 * (LOG_2PI + z.square()).sum(-1)
+
+
+class MLP(nn.Sequential):
+    """Linear layers of the given sizes, each followed by the activation."""
+
+    def __init__(self, sizes: Sequence[int], activation: str = "tanh"):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"MLP: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        layers = []
+        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(n_in, n_out), ACTIVATIONS[activation]()]
+        super().__init__(*layers)
+        self.out_features = sizes[-1]
+
+
+class ConditionalGaussian(nn.Module):
+    """A diagonal Gaussian whose mean and log-variance are an MLP of the input: [..., in] -> 2 x [..., out]."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], out_features: int,
+                 activation: str = "tanh"):
+        super().__init__()
+        self.body = MLP([in_features, *hidden], activation)
+        self.loc = nn.Linear(self.body.out_features, out_features)
+        self.logvar = nn.Linear(self.body.out_features, out_features)
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.body(h)
+        return self.loc(h), self.logvar(h)
+
+
+class DiagonalNormal(Distribution):
+    """N(loc, diag(exp(logvar))) with batch shape loc.shape[:-1] and event shape [Z]."""
+
+    arg_constraints = {"loc": constraints.real, "logvar": constraints.real}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, loc: Tensor, logvar: Tensor):
+        self.loc, self.logvar = loc, logvar
+        super().__init__(loc.shape[:-1], loc.shape[-1:], validate_args=False)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.loc
+
+    @property
+    def variance(self) -> Tensor:
+        return self.logvar.exp()
+
+    def rsample(self, sample_shape=torch.Size()) -> Tensor:
+        eps = torch.randn(self._extended_shape(sample_shape), dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + torch.exp(0.5 * self.logvar) * eps
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        return normal_log_prob(value, self.loc, self.logvar)
+
+    def entropy(self) -> Tensor:
+        return 0.5 * (LOG_2PI + 1 + self.logvar).sum(-1)
+
+    def detached(self) -> "DiagonalNormal":
+        """The same distribution with its parameters cut from the graph (STL and DReG)."""
+        return DiagonalNormal(self.loc.detach(), self.logvar.detach())
+
+    def kl_standard_normal(self) -> Tensor:
+        """KL(self || N(0, I)) in closed form, [B]."""
+        return 0.5 * (self.loc.square() + self.logvar.exp() - 1 - self.logvar).sum(-1)
+
+
+class HierarchicalPosterior(Distribution):
+    """q(z1|x) q(z2|z1) over z = cat([z1, z2], -1): batch shape [B], event shape [Z1 + Z2]."""
+
+    support = constraints.real_vector
+    has_rsample = True
+    arg_constraints = {}
+
+    def __init__(self, q1: DiagonalNormal, layer2: ConditionalGaussian, params: dict | None = None):
+        self.q1, self.layer2, self._params = q1, layer2, params
+        self.z1_dim = q1.event_shape[0]
+        self.z2_dim = layer2.loc.out_features
+        super().__init__(q1.batch_shape, torch.Size([self.z1_dim + self.z2_dim]), validate_args=False)
+
+    def _layer2(self, z1: Tensor) -> tuple[Tensor, Tensor]:
+        if self._params is None:
+            return self.layer2(z1)
+        return functional_call(self.layer2, self._params, (z1,))
+
+    def rsample(self, sample_shape=torch.Size()) -> Tensor:
+        z1 = self.q1.rsample(sample_shape)
+        z2 = DiagonalNormal(*self._layer2(z1)).rsample()
+        return torch.cat([z1, z2], -1)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        z1, z2 = value.split([self.z1_dim, self.z2_dim], -1)
+        return self.q1.log_prob(z1) + normal_log_prob(z2, *self._layer2(z1))
+
+    def detached(self) -> "HierarchicalPosterior":
+        """Parameters (of both layers) cut from the graph; z1's path into q(z2|z1) kept."""
+        params = {n: p.detach() for n, p in self.layer2.named_parameters()}
+        return HierarchicalPosterior(self.q1.detached(), self.layer2, params)
+
+
+class BernoulliDecoder(nn.Module):
+    """p(x|z) = prod_d Bernoulli(x_d; sigmoid(logits_d)); logits = MLP(z). Output bias = logit(mean)."""
+
+    def __init__(self, latent_dim: int, hidden: Sequence[int], x_dim: int, activation: str = "tanh",
+                 x_mean: Tensor | None = None):
+        super().__init__()
+        self.body = MLP([latent_dim, *hidden], activation)
+        self.logits = nn.Linear(self.body.out_features, x_dim)
+        if x_mean is not None:
+            with torch.no_grad():
+                self.logits.bias.copy_(torch.logit(x_mean.to(self.logits.bias).clamp(1e-3, 1 - 1e-3)))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.logits(self.body(z))
+
+    @staticmethod
+    def log_prob(x: Tensor, logits: Tensor) -> Tensor:
+        # sum_d x log sigmoid(l) + (1 - x) log sigmoid(-l) = sum_d x l - softplus(l)
+        return (x * logits).sum(-1) - F.softplus(logits).sum(-1)
+
+    @staticmethod
+    def mean(logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits)
+
+    @staticmethod
+    def sample(logits: Tensor, generator=None) -> Tensor:
+        return torch.bernoulli(torch.sigmoid(logits), generator=generator)
+
+
+class GaussianDecoder(nn.Module):
+    """p(x|z) = N(x; sigmoid(m(z)), diag(exp(v(z)))) (Kingma & Welling, appendix C.2)."""
+
+    def __init__(self, latent_dim: int, hidden: Sequence[int], x_dim: int, activation: str = "tanh",
+                 x_mean: Tensor | None = None):
+        super().__init__()
+        self.net = ConditionalGaussian(latent_dim, hidden, x_dim, activation)
+        if x_mean is not None:
+            with torch.no_grad():
+                self.net.loc.bias.copy_(torch.logit(x_mean.to(self.net.loc.bias).clamp(1e-3, 1 - 1e-3)))
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        loc, logvar = self.net(z)
+        return torch.sigmoid(loc), logvar
+
+    @staticmethod
+    def log_prob(x: Tensor, params: tuple[Tensor, Tensor]) -> Tensor:
+        return normal_log_prob(x, *params)
+
+    @staticmethod
+    def mean(params: tuple[Tensor, Tensor]) -> Tensor:
+        return params[0]
+
+    @staticmethod
+    def sample(params: tuple[Tensor, Tensor], generator=None) -> Tensor:
+        loc, logvar = params
+        eps = torch.randn(loc.shape, dtype=loc.dtype, device=loc.device, generator=generator)
+        return loc + torch.exp(0.5 * logvar) * eps
+
+
+class VAE(nn.Module):
+    """A VAE/IWAE model with one or two stochastic layers (see the package docstring).
+
+    Args:
+        x_dim: data dimension D (784 for 28x28 images).
+        latent_dims: stochastic layer widths, bottom first: (50,) or (100, 50).
+        hidden: deterministic hidden widths of each encoder layer, bottom first; the decoder
+            mirrors them. Default: (200, 200) for one layer; ((200, 200), (100, 100)) for two.
+        activation: tanh, relu or sigmoid.
+        likelihood: "bernoulli" (logits) or "gaussian" (mean and log-variance).
+        x_mean: the training data mean [D], to initialise the decoder's output bias.
+    """
+
+    def __init__(self, x_dim: int = 784, latent_dims: Sequence[int] = (50,),
+                 hidden: Sequence | None = None, activation: str = "tanh",
+                 likelihood: str = "bernoulli", x_mean: Tensor | None = None):
+        super().__init__()
+        latent_dims = tuple(int(d) for d in latent_dims)
+        if len(latent_dims) not in (1, 2) or min(latent_dims) < 1:
+            raise ValueError(f"VAE: latent_dims must be one or two positive widths, got {latent_dims}")
+        if hidden is None:
+            hidden = ((200, 200), (100, 100))[: len(latent_dims)]
+        elif len(hidden) and isinstance(hidden[0], int):
+            hidden = (tuple(hidden),) * len(latent_dims)
+        hidden = tuple(tuple(int(h) for h in layer) for layer in hidden)
+        if len(hidden) != len(latent_dims):
+            raise ValueError(f"VAE: hidden must give one tuple of widths per stochastic layer "
+                             f"({len(latent_dims)}), got {hidden}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"VAE: likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"VAE: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if x_mean is not None and tuple(x_mean.shape) != (x_dim,):
+            raise ValueError(f"VAE: x_mean must have shape [{x_dim}], got {tuple(x_mean.shape)}")
+        self.config = {"x_dim": int(x_dim), "latent_dims": list(latent_dims),
+                       "hidden": [list(h) for h in hidden], "activation": activation,
+                       "likelihood": likelihood}
+        self.x_dim, self.latent_dims = int(x_dim), latent_dims
+        inputs = (x_dim,) + latent_dims[:-1]
+        self.encoders = nn.ModuleList(
+            ConditionalGaussian(n_in, h, z, activation) for n_in, h, z in zip(inputs, hidden, latent_dims))
+        # p(z1|z2) for two layers: the mirror of q(z2|z1).
+        self.priors = nn.ModuleList(
+            ConditionalGaussian(latent_dims[i + 1], hidden[i + 1][::-1], latent_dims[i], activation)
+            for i in range(len(latent_dims) - 1))
+        decoder = BernoulliDecoder if likelihood == "bernoulli" else GaussianDecoder
+        self.decoder = decoder(latent_dims[0], hidden[0][::-1], x_dim, activation, x_mean)
+
+    @property
+    def latent_dim(self) -> int:
+        """Z: the width of the latent tensor z (Z1 + Z2 for two layers)."""
+        return sum(self.latent_dims)
+
+    def split_latent(self, z: Tensor) -> tuple[Tensor, ...]:
+        """(z1,) or (z1, z2) from z = cat([z1, z2], -1)."""
+        if z.shape[-1] != self.latent_dim:
+            raise ValueError(f"z must have last dimension {self.latent_dim} "
+                             f"(latent_dims {self.latent_dims}), got shape {tuple(z.shape)}")
+        return tuple(z.split(self.latent_dims, -1))
+
+    def _check_x(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2 or x.shape[-1] != self.x_dim:
+            raise ValueError(f"x must have shape [B, {self.x_dim}], got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be floating point (values in [0, 1]), got {x.dtype}")
+        return x
+
+    def posterior(self, x: Tensor) -> Distribution:
+        """q(z|x): batch shape [B], event shape [Z]."""
+        x = self._check_x(x)
+        q1 = DiagonalNormal(*self.encoders[0](x))
+        if len(self.encoders) == 1:
+            return q1
+        return HierarchicalPosterior(q1, self.encoders[1])
+
+    def prior_log_prob(self, z: Tensor) -> Tensor:
+        """log p(z): [..., Z] -> [...]."""
+        zs = self.split_latent(z)
+        log_p = standard_normal_log_prob(zs[-1])
+        for i, prior in enumerate(self.priors):
+            log_p = log_p + normal_log_prob(zs[i], *prior(zs[i + 1]))
+        return log_p
+
+    def decode(self, z: Tensor):
+        """The decoder's output for z [..., Z]: logits (Bernoulli) or (mean, logvar) (Gaussian)."""
+        return self.decoder(self.split_latent(z)[0])
+
+    def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
+        """log p(x|z) for x [B, D], z [S, B, Z]: [S, B]."""
+        return self.decoder.log_prob(self._check_x(x), self.decode(z))
+
+    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
+        """log p(x, z) for x [B, D], z [S, B, Z]: [S, B]."""
+        return self.prior_log_prob(z) + self.log_likelihood(x, z)
+
+    def log_weights(self, x: Tensor, k: int, stop_gradient_q: bool = False,
+                    return_latent: bool = False):
+        """log w_k = log p(x, z_k) - log q(z_k|x), z_k ~ q(z|x) reparameterised: [k, B].
+
+        ``stop_gradient_q``: evaluate log q with its parameters cut from the graph (z keeps its
+        reparameterisation path), as the STL and DReG estimators need. ``return_latent``:
+        also return z [k, B, Z].
+        """
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        q = self.posterior(x)
+        z = q.rsample((k,))
+        log_q = (q.detached() if stop_gradient_q else q).log_prob(z)
+        log_w = self.log_joint(x, z) - log_q
+        return (log_w, z) if return_latent else log_w
+
+    def kl_divergence(self, x: Tensor) -> Tensor:
+        """KL(q(z|x) || p(z)) in closed form, [B]; one stochastic layer only."""
+        q = self.posterior(x)
+        if not isinstance(q, DiagonalNormal):
+            raise ValueError("kl_divergence: the analytic KL exists for one stochastic layer only; "
+                             "use the Monte Carlo KL (kl='mc') with two layers")
+        return q.kl_standard_normal()
+
+    def posterior_means(self, x: Tensor, num_samples: int = 100) -> list[Tensor]:
+        """E_q[z_i] for each stochastic layer, each [B, Z_i]; the top layer of a two-layer model
+        by Monte Carlo over z1 (``num_samples`` draws), the bottom layer exactly."""
+        q = self.posterior(x)
+        if isinstance(q, DiagonalNormal):
+            return [q.loc]
+        z1 = q.q1.rsample((num_samples,))
+        return [q.q1.loc, q.layer2(z1)[0].mean(0)]
+
+    @torch.no_grad()
+    def sample(self, n: int, mean: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        """n draws from p(x): decoder means (``mean=True``) or samples, [n, D]."""
+        p = next(self.parameters())
+        z = torch.randn(n, self.latent_dims[-1], dtype=p.dtype, device=p.device, generator=generator)
+        for prior in reversed(self.priors):
+            loc, logvar = prior(z)
+            eps = torch.randn(loc.shape, dtype=p.dtype, device=p.device, generator=generator)
+            z = loc + torch.exp(0.5 * logvar) * eps
+        params = self.decoder(z)
+        return self.decoder.mean(params) if mean else self.decoder.sample(params, generator)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Decoder mean at the posterior mean of z1: [B, D]."""
+        q = self.posterior(x)
+        z1 = q.loc if isinstance(q, DiagonalNormal) else q.q1.loc
+        return self.decoder.mean(self.decoder(z1))

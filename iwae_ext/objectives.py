@@ -1,0 +1,91 @@
+"""Objectives: pure functions of log-weights, and the encoder-gradient estimators.
+
+With log w_k = log p(x, z_k) - log q(z_k|x), z_k ~ q(z|x), k = 1..K (shape [K, B]):
+
+- ``iwae_bound``: L_K = log (1/K) sum_k w_k (Burda et al. 2016, eq. 8), through the fused
+  :func:`iwae_ext.ops.logmeanexp`; L_1 is the ELBO;
+- ``elbo``: L^A = (1/K) sum_k log w_k, the ELBO with a Monte Carlo KL (Kingma & Welling eq. 6);
+- ``elbo_analytic``: L^B = (1/K) sum_k log p(x|z_k) - KL(q(z|x) || p(z)) (their eq. 7).
+
+:func:`objective` evaluates one of them for a model and a minibatch with an encoder-gradient
+estimator: "standard" (the reparameterisation gradient of the bound), "stl" (sticking the
+landing, Roeder et al. 2017: log q with its parameters stopped) or "dreg" (doubly reparameterised,
+Tucker et al. 2019, eq. 5: encoder gradient sum_k w~_k^2 d log w_k / dz_k dz_k/dphi). The decoder's
+gradient is the standard one in all three. The returned tensor's value is always the bound;
+only its gradient with respect to the encoder differs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .ops import logmeanexp, reference
+
+OBJECTIVES = ("iwae", "elbo")
+ESTIMATORS = ("standard", "stl", "dreg")
+KL_ESTIMATORS = ("mc", "analytic")
+
+__all__ = ["iwae_bound", "elbo", "elbo_analytic", "normalized_weights", "objective",
+           "OBJECTIVES", "ESTIMATORS", "KL_ESTIMATORS"]
+
+
+def iwae_bound(log_w: Tensor, dim: int = 0, fused: bool = True) -> Tensor:
+    """L_K = log mean_k exp(log w_k) along ``dim``: [K, B] -> [B].
+
+    ``fused=False`` uses the pure-PyTorch twin (for comparisons)."""
+    return logmeanexp(log_w, dim) if fused else reference.logmeanexp(log_w, dim)
+
+
+def elbo(log_w: Tensor, dim: int = 0) -> Tensor:
+    """L^A = mean_k log w_k along ``dim`` (Monte Carlo KL): [K, B] -> [B]."""
+    return log_w.mean(dim)
+
+
+def elbo_analytic(log_likelihood: Tensor, kl: Tensor, dim: int = 0) -> Tensor:
+    """L^B = mean_k log p(x|z_k) - KL(q || p): log_likelihood [K, B], kl [B] -> [B]."""
+    return log_likelihood.mean(dim) - kl
+
+
+def normalized_weights(log_w: Tensor, dim: int = 0) -> Tensor:
+    """w~_k = w_k / sum_j w_j along ``dim``, cut from the graph: [K, B]."""
+    return torch.softmax(log_w.detach(), dim)
+
+
+def _check(objective_name: str, estimator: str, kl: str):
+    if objective_name not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective_name!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if kl not in KL_ESTIMATORS:
+        raise ValueError(f"kl must be one of {KL_ESTIMATORS}, got {kl!r}")
+    if kl == "analytic" and (objective_name != "elbo" or estimator != "standard"):
+        raise ValueError("kl='analytic' applies to objective='elbo' with estimator='standard' "
+                         f"(got objective={objective_name!r}, estimator={estimator!r})")
+    if estimator == "dreg" and objective_name != "iwae":
+        raise ValueError("estimator='dreg' is the IWAE bound's estimator (objective='iwae'); "
+                         "for the ELBO use 'stl', which DReG reduces to at K = 1")
+
+
+def objective(model, x: Tensor, k: int, objective: str = "iwae", estimator: str = "standard",
+              kl: str = "mc", fused: bool = True) -> Tensor:
+    """The bound per data point, [B], whose gradient is the chosen estimator.
+
+    ``model`` follows the :mod:`iwae_ext.models` interface (``log_weights``, and
+    ``log_likelihood``/``posterior``/``kl_divergence`` for ``kl='analytic'``). ``fused=False``
+    reduces with the pure-PyTorch twin of logmeanexp instead of the fused op.
+    """
+    _check(objective, estimator, kl)
+    if kl == "analytic":
+        q = model.posterior(x)
+        if not hasattr(q, "kl_standard_normal"):
+            model.kl_divergence(x)  # raises the model's own error (two stochastic layers)
+        z = q.rsample((k,))
+        return elbo_analytic(model.log_likelihood(x, z), q.kl_standard_normal())
+    stop = estimator in ("stl", "dreg")
+    log_w, z = model.log_weights(x, k, stop_gradient_q=stop, return_latent=True)
+    if estimator == "dreg" and z.requires_grad:
+        # The gradient reaching z_k is w~_k d log w_k / dz_k; scaling it by w~_k gives DReG's
+        # w~_k^2 for the encoder, while the decoder's gradient (not through z) stays w~_k.
+        w = normalized_weights(log_w).unsqueeze(-1)
+        z.register_hook(lambda grad: grad * w)
+    return iwae_bound(log_w, fused=fused) if objective == "iwae" else elbo(log_w)

@@ -1,0 +1,171 @@
+"""Trainer and CLIs on tiny subsets: exact resume, non-finite loss, checkpoints, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import iwae_ext
+from iwae_ext import cli
+from iwae_ext.data import Dataset
+from iwae_ext.train import NonFiniteLossError, TrainConfig, burda_schedule, load_checkpoint
+
+TINY = dict(subset=300, batch_size=50, k=3, hidden=[[20]], latent_dim=[4], eval_k=10,
+            train_eval_size=50, progress=False)
+
+
+def state(out):
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+
+
+def assert_same_state(a, b):
+    for name in a["model_state"]:
+        assert torch.equal(a["model_state"][name], b["model_state"][name]), name
+    sa, sb = a["optimizer_state"]["state"], b["optimizer_state"]["state"]
+    for i in sa:
+        for key in sa[i]:
+            assert torch.equal(sa[i][key], sb[i][key]), (i, key)
+    assert torch.equal(a["train_state"]["rng"]["torch"], b["train_state"]["rng"]["torch"])
+    assert torch.equal(a["train_state"]["rng"]["data"], b["train_state"]["rng"]["data"])
+
+
+@pytest.mark.parametrize("dataset", ["binarized_mnist", "fashion_mnist"])
+def test_resume_is_exact(tmp_path, dataset):
+    """Stopped mid-epoch and at an epoch end, then resumed: bit for bit the uninterrupted run
+    (fashion_mnist also exercises the dynamic-binarisation generator)."""
+    shared = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+    if dataset == "fashion_mnist" and not os.path.isdir(shared):
+        pytest.skip("../shared/data not present")
+    cfg = dict(TINY, dataset=dataset, data_dir=shared, estimator="dreg")
+    full = str(tmp_path / "full")
+    m_full = iwae_ext.train(out=full, epochs=3, **cfg)
+
+    part = str(tmp_path / "part")
+    calls = {"n": 0}
+
+    def stop_after_8_steps():
+        calls["n"] += 1
+        return calls["n"] > 8  # 6 steps per epoch: stops in epoch 2, step 3
+
+    r = iwae_ext.train(out=part, epochs=3, should_stop=stop_after_8_steps, **cfg)
+    assert r["stopped"] and r["epoch"] == 1 and r["step"] == 2
+    assert not os.path.exists(os.path.join(part, "metrics.json"))
+    r = iwae_ext.train(out=part, resume=True, epochs=2, progress=False)  # to the end of epoch 2
+    m_part = iwae_ext.train(out=part, resume=True, epochs=3, progress=False)
+    assert_same_state(state(full), state(part))
+    assert m_full["test_log_likelihood"] == m_part["test_log_likelihood"]
+    lines = [json.loads(line) for line in open(os.path.join(part, "metrics.jsonl"))]
+    full_lines = [json.loads(line) for line in open(os.path.join(full, "metrics.jsonl"))]
+    assert [l["epoch"] for l in lines] == [1, 2, 3]
+    assert [l["train_bound"] for l in lines] == [l["train_bound"] for l in full_lines]
+
+
+def test_outputs_checkpoint_and_metrics(tmp_path):
+    out = str(tmp_path / "run")
+    metrics = iwae_ext.train(out=out, epochs=2, **TINY)
+    for key in ("test_log_likelihood", "test_elbo", "train_log_likelihood", "active_units", "config",
+                "timings", "generalization_gap"):
+        assert key in metrics
+    assert metrics["n_test"] == 300 and metrics["n_train_eval"] == 50 and metrics["eval_k"] == 10
+    assert metrics["test_log_likelihood"] >= metrics["test_elbo"]
+    saved = json.load(open(os.path.join(out, "metrics.json")))
+    assert saved["test_log_likelihood"] == metrics["test_log_likelihood"]
+    assert len(open(os.path.join(out, "metrics.jsonl")).read().splitlines()) == 2
+    torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)  # plain tensors and containers
+    model = load_checkpoint(out)
+    assert not model.training and model.latent_dims == (4,)
+    x = iwae_ext.data.load_dataset().split("test")[:5]
+    assert model.log_weights(x, 2).shape == (2, 5)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        iwae_ext.train(out=out, epochs=1, **TINY)
+    with pytest.raises(ValueError, match="k cannot change when resuming"):
+        iwae_ext.train(out=out, resume=True, k=7)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    trainer = sys.modules["iwae_ext.train"]  # the module (iwae_ext.train is the function)
+    out = str(tmp_path / "run")
+    iwae_ext.train(out=out, epochs=1, **TINY)
+    good = state(out)
+    real = trainer.objective
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return value * float("nan") if calls["n"] == 4 else value
+
+    monkeypatch.setattr(trainer, "objective", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 4 of 6.*last good checkpoint"):
+        iwae_ext.train(out=out, resume=True, epochs=2, progress=False)
+    assert_same_state(good, state(out))
+
+
+def test_two_layers_vae_and_gaussian(tmp_path):
+    m = iwae_ext.train(epochs=1, layers=2, hidden=[[20], [10]], latent_dim=[6, 3], model="iwae",
+                       **{k: v for k, v in TINY.items() if k not in ("hidden", "latent_dim")})
+    assert len(m["active_units"]) == 2
+    v = iwae_ext.train(epochs=1, model="vae", **TINY)
+    assert v["config"]["kl"] == "analytic"
+    toy = Dataset.from_arrays("toy", np.random.default_rng(0).random((120, 6, 5)),
+                              np.random.default_rng(1).random((40, 6, 5)), likelihood="gaussian")
+    g = iwae_ext.train(data=toy, epochs=1, batch_size=20, k=2, hidden=[[8]], latent_dim=[2],
+                       eval_k=4, progress=False)
+    assert g["config"]["decoder"] == "gaussian" and g["config"]["dataset"] == "toy"
+
+
+def test_bad_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="unknown data set 'nope'"):
+        iwae_ext.train(dataset="nope", progress=False)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        iwae_ext.train(k=0, progress=False)
+    with pytest.raises(ValueError, match="estimator 'dreg' is for model='iwae'"):
+        iwae_ext.train(model="vae", estimator="dreg", progress=False)
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        iwae_ext.train(lr=float("nan"), progress=False)
+    with pytest.raises(ValueError, match="hidden gives one layer's widths but layers=2"):
+        iwae_ext.train(layers=2, hidden=[[200, 200]], progress=False)
+    toy = Dataset.from_arrays("toy", np.random.default_rng(0).random((20, 6)),
+                              np.random.default_rng(1).random((5, 6)), likelihood="gaussian")
+    with pytest.raises(ValueError, match="decoder 'bernoulli' needs binary data"):
+        iwae_ext.train(data=toy, decoder="bernoulli", progress=False)
+
+
+def test_burda_schedule():
+    assert burda_schedule(0) == 1e-3
+    assert burda_schedule(1) == pytest.approx(1e-3 * 10 ** (-1 / 7))
+    assert burda_schedule(3) == pytest.approx(1e-3 * 10 ** (-1 / 7))
+    assert burda_schedule(4) == pytest.approx(1e-3 * 10 ** (-2 / 7))
+    assert burda_schedule(3279) == pytest.approx(1e-4)
+    cfg = TrainConfig(schedule="burda").resolved(iwae_ext.data.load_dataset())
+    assert cfg.epochs == 3280
+
+
+def test_cli_train_and_eval_on_a_tiny_subset(tmp_path, capsys):
+    out = str(tmp_path / "cli")
+    rc = cli.train_main(["--subset", "200", "--batch-size", "50", "--k", "2", "--hidden", "16",
+                         "--latent-dim", "3", "--epochs", "1", "--eval-k", "5", "--train-eval-size",
+                         "20", "--estimator", "stl", "--out", out, "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "test log-likelihood L_5" in printed and out in printed
+    assert cli.eval_main([out, "--k", "7", "--limit", "30", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["k"] == 7 and result["n"] == 30 and result["log_likelihood"] < 0
+    assert cli.train_main(["--dataset", "omniglot", "--data-dir", str(tmp_path / "none"),
+                           "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "chardata.mat not found" in err
+    with pytest.raises(SystemExit):
+        cli.train_main(["--model", "rbm"])
+    with pytest.raises(SystemExit):
+        cli.train_main(["--hidden", "200,x"])
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "iwae_ext.train", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--estimator" in r.stdout and "--schedule" in r.stdout
+    assert "RuntimeWarning" not in r.stderr
