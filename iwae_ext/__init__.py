@@ -14,7 +14,7 @@ from . import _extension
 _C = _extension.load()
 
 from . import ops  # noqa: E402  (registers fake kernels and autograd)
-from . import data, evaluate, models, objectives, plots  # noqa: E402
+from . import data, evaluate, models, objectives  # noqa: E402  (iwae_ext.plots: import it)
 from .train import TrainConfig, load_checkpoint, train  # noqa: E402
 
 __version__ = "0.1.0"
