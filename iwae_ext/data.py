@@ -77,30 +77,25 @@ class _File:
     digest: tuple[str, str] | None = None  # (algorithm, hex digest): sha256, md5 or gitblob
 
 
-_BMNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
+def _catalog(base_url: str, algorithm: str, files: dict) -> dict:
+    """{split: _File} from {split: (file name, digest)}, all under one URL and one algorithm."""
+    return {split: _File(name, base_url + name, (algorithm, digest)) for split, (name, digest) in files.items()}
+
+
 _BUNDLED_BMNIST_SHA256 = "7a049ae3a0d88e964af4b41bbdb14e4303595e1c5de65f8bd2455cdcebb3514b"
-_AMAT = {
-    "train": _File("binarized_mnist_train.amat", _BMNIST_URL + "binarized_mnist_train.amat",
-                   ("sha256", "ad693b29f94c14277b095f5238ddefbbdaaae0939789dd2f4f0205278cee3e4d")),
-    "valid": _File("binarized_mnist_valid.amat", _BMNIST_URL + "binarized_mnist_valid.amat",
-                   ("sha256", "1de3d397c40fe8eeb33dafd4099a1f665ec01e96d9be234aaeeac8a34930e2e2")),
-    "test": _File("binarized_mnist_test.amat", _BMNIST_URL + "binarized_mnist_test.amat",
-                  ("sha256", "e6687bfea3f820c174f33b7865140b2a2dd2930ef786f35d45795fc193b5ab2c")),
-}
-_MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
-_MNIST = {
-    "train": _File("train-images-idx3-ubyte.gz", _MNIST_URL + "train-images-idx3-ubyte.gz",
-                   ("md5", "f68b3c2dcbeaaa9fbdd348bbdeb94873")),
-    "test": _File("t10k-images-idx3-ubyte.gz", _MNIST_URL + "t10k-images-idx3-ubyte.gz",
-                  ("md5", "9fb629c4189551a2d022fa330f9573f3")),
-}
-_FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-_FASHION = {
-    "train": _File("train-images-idx3-ubyte.gz", _FASHION_URL + "train-images-idx3-ubyte.gz",
-                   ("sha256", "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7")),
-    "test": _File("t10k-images-idx3-ubyte.gz", _FASHION_URL + "t10k-images-idx3-ubyte.gz",
-                  ("sha256", "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa")),
-}
+_AMAT = _catalog("http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/", "sha256", {
+    "train": ("binarized_mnist_train.amat", "ad693b29f94c14277b095f5238ddefbbdaaae0939789dd2f4f0205278cee3e4d"),
+    "valid": ("binarized_mnist_valid.amat", "1de3d397c40fe8eeb33dafd4099a1f665ec01e96d9be234aaeeac8a34930e2e2"),
+    "test": ("binarized_mnist_test.amat", "e6687bfea3f820c174f33b7865140b2a2dd2930ef786f35d45795fc193b5ab2c"),
+})
+_MNIST = _catalog("https://ossci-datasets.s3.amazonaws.com/mnist/", "md5", {
+    "train": ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+    "test": ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+})
+_FASHION = _catalog("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", "sha256", {
+    "train": ("train-images-idx3-ubyte.gz", "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"),
+    "test": ("t10k-images-idx3-ubyte.gz", "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa"),
+})
 _OMNIGLOT = _File("chardata.mat",
                   "https://github.com/yburda/iwae/raw/master/datasets/OMNIGLOT/chardata.mat",
                   ("gitblob", "016a3536ffe5e1d38e42563a18d7a78bfaf643ec"))

@@ -235,11 +235,11 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
 
     ``config`` or keyword overrides of :class:`TrainConfig` fields. With ``resume=True`` the
     saved run's config is used and only the keyword overrides in ``RESUMABLE`` (e.g. a larger
-    ``epochs``) may change it. ``should_stop()``, if given,
-    is polled at every step boundary; when it returns True the run checkpoints and returns
-    {"stopped": True, ...} (as on SIGINT). ``data``: a :class:`~iwae_ext.data.Dataset` to train
-    on instead of loading ``config.dataset`` (pass it again to resume). Raises :class:`NonFiniteLossError` on a NaN or
-    infinite loss, keeping the last good checkpoint.
+    ``epochs``) may change it. ``should_stop()``, if given, is polled at every step boundary;
+    when it returns True the run checkpoints and returns {"stopped": True, ...} (as on SIGINT).
+    ``data``: a :class:`~iwae_ext.data.Dataset` to train on instead of loading
+    ``config.dataset`` (pass it again to resume). Raises :class:`NonFiniteLossError` on a NaN
+    or infinite loss, keeping the last good checkpoint.
     """
     config = dataclasses.replace(config or TrainConfig(), **overrides)
     out = config.out
