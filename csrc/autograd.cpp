@@ -7,6 +7,7 @@
 #include <ATen/ops/neg.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/sum.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -93,11 +94,70 @@ at::Tensor logmeanexp_backward_autograd(const at::Tensor& grad_out, const at::Te
   return LogMeanExpBackward::apply(grad_out, logw, out, dim);
 }
 
+using BayesLinearGrads =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+std::tuple<at::Tensor, at::Tensor> call_bayes_linear(const at::Tensor& x, const at::Tensor& wmu,
+                                                     const at::Tensor& wrho, const at::Tensor& bmu,
+                                                     const at::Tensor& brho, const at::Tensor& eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("iwae_ext::bayes_linear", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(x, wmu, wrho, bmu, brho, eps);
+}
+
+BayesLinearGrads call_bayes_linear_backward(const at::Tensor& g, const at::Tensor& x,
+                                            const at::Tensor& wmu, const at::Tensor& wrho,
+                                            const at::Tensor& brho, const at::Tensor& eps,
+                                            const at::Tensor& std, std::array<bool, 6> mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("iwae_ext::bayes_linear_backward", "")
+                       .typed<BayesLinearGrads(const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, std::array<bool, 6>)>();
+  return op.call(g, x, wmu, wrho, brho, eps, std, mask);
+}
+
+class BayesLinear : public torch::autograd::Function<BayesLinear> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& wmu,
+                               const at::Tensor& wrho, const at::Tensor& bmu,
+                               const at::Tensor& brho, const at::Tensor& eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, std] = call_bayes_linear(x, wmu, wrho, bmu, brho, eps);
+    ctx->save_for_backward({x, wmu, wrho, brho, eps, std});
+    ctx->mark_non_differentiable({std});
+    return {out, std};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "bayes_linear: double backward (create_graph=True) is not implemented");
+    const auto s = ctx->get_saved_variables();
+    std::array<bool, 6> mask;
+    for (size_t i = 0; i < 6; ++i) mask[i] = ctx->needs_input_grad(i);
+    auto [dx, dwmu, dwrho, dbmu, dbrho, deps] =
+        call_bayes_linear_backward(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], mask);
+    return {dx, dwmu, dwrho, dbmu, dbrho, deps};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> bayes_linear_autograd(const at::Tensor& x, const at::Tensor& wmu,
+                                                         const at::Tensor& wrho, const at::Tensor& bmu,
+                                                         const at::Tensor& brho, const at::Tensor& eps) {
+  auto outs = BayesLinear::apply(x, wmu, wrho, bmu, brho, eps);
+  return {outs[0], outs[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(iwae_ext, Autograd, m) {
   m.impl("logmeanexp", &logmeanexp_autograd);
   m.impl("logmeanexp_backward", &logmeanexp_backward_autograd);
+  m.impl("bayes_linear", &bayes_linear_autograd);
 }
 
 }  // namespace iwae_ext

@@ -97,6 +97,14 @@ void lme_backward_finish(LmeBackwardArgs& a) {
 TORCH_LIBRARY(iwae_ext, m) {
   m.def("logmeanexp(Tensor logw, int dim) -> Tensor");
   m.def("logmeanexp_backward(Tensor grad_out, Tensor logw, Tensor out, int dim) -> Tensor");
+  // Returns (out, std); std = sqrt of the output variance, saved for the backward.
+  m.def("bayes_linear(Tensor x, Tensor weight_mu, Tensor weight_rho, Tensor bias_mu, "
+        "Tensor bias_rho, Tensor eps) -> (Tensor, Tensor)");
+  // Gradients for (x, weight_mu, weight_rho, bias_mu, bias_rho, eps); undefined where the
+  // output_mask entry is false.
+  m.def("bayes_linear_backward(Tensor grad_out, Tensor x, Tensor weight_mu, Tensor weight_rho, "
+        "Tensor bias_rho, Tensor eps, Tensor std, bool[6] output_mask) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // iwae_ext._C: importing it loads this library (and so registers the ops); its attributes

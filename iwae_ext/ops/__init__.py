@@ -4,9 +4,10 @@ Each op has CPU and CUDA kernels, a fake kernel (shape inference for torch.compi
 autograd, and a pure-PyTorch twin in :mod:`iwae_ext.ops.reference`.
 """
 from . import reference
+from ._bayes_linear import bayes_linear
 from ._logmeanexp import logmeanexp, logmeanexp_backward
 
 # Every operator of the library, as named in torch.ops.iwae_ext.
-OP_NAMES = ("logmeanexp", "logmeanexp_backward")
+OP_NAMES = ("logmeanexp", "logmeanexp_backward", "bayes_linear", "bayes_linear_backward")
 
-__all__ = ["logmeanexp", "logmeanexp_backward", "reference", "OP_NAMES"]
+__all__ = ["logmeanexp", "logmeanexp_backward", "bayes_linear", "reference", "OP_NAMES"]

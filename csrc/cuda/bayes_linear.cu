@@ -1,0 +1,99 @@
+// CUDA kernels of the reparameterized Bayesian matmul: the matmuls are cuBLAS's
+// (csrc/bayes_linear.cpp); here the two elementwise passes, each one fused grid-stride kernel
+// over the [M, out] results on the current stream.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../bayes_linear.h"
+
+namespace iwae_ext {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__global__ void combine_kernel(T* __restrict__ out, T* __restrict__ std, const T* __restrict__ eps,
+                               int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    bl_combine(out[i], std[i], eps[i], out + i, std + i);
+}
+
+template <typename T>
+__global__ void grads_kernel(const T* __restrict__ g, const T* __restrict__ eps,
+                             const T* __restrict__ std, T* __restrict__ grad_var,
+                             T* __restrict__ grad_eps, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    bl_grads(g[i], eps[i], std[i], grad_var + i, grad_eps + i);
+}
+
+unsigned blocks_for(int64_t n) {
+  return static_cast<unsigned>(std::clamp<int64_t>((n + kThreads - 1) / kThreads, 1, 65535 * 8));
+}
+
+void check_cuda(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
+              ": the CUDA kernel takes float32 or float64, got ", t.scalar_type());
+}
+
+void combine_cuda(at::Tensor& mean_out, at::Tensor& var_std, const at::Tensor& eps) {
+  const int64_t n = mean_out.numel();
+  if (n == 0) return;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(mean_out.scalar_type(), "bayes_linear", [&] {
+    combine_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        mean_out.data_ptr<scalar_t>(), var_std.data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>(), n);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void grads_cuda(const at::Tensor& g, const at::Tensor& eps, const at::Tensor& std,
+                at::Tensor& grad_var, at::Tensor& grad_eps) {
+  const int64_t n = g.numel();
+  if (n == 0) return;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "bayes_linear_backward", [&] {
+    grads_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>(), std.const_data_ptr<scalar_t>(),
+        grad_var.data_ptr<scalar_t>(), grad_eps.data_ptr<scalar_t>(), n);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+const BayesLinearElementwise kCuda{&combine_cuda, &grads_cuda};
+
+std::tuple<at::Tensor, at::Tensor> bayes_linear_cuda(const at::Tensor& x, const at::Tensor& weight_mu,
+                                                     const at::Tensor& weight_rho,
+                                                     const at::Tensor& bias_mu,
+                                                     const at::Tensor& bias_rho,
+                                                     const at::Tensor& eps) {
+  check_cuda(x, "bayes_linear");
+  c10::cuda::CUDAGuard guard(x.device());
+  return bayes_linear_forward(x, weight_mu, weight_rho, bias_mu, bias_rho, eps, kCuda);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+bayes_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                           const at::Tensor& weight_mu, const at::Tensor& weight_rho,
+                           const at::Tensor& bias_rho, const at::Tensor& eps, const at::Tensor& std,
+                           std::array<bool, 6> mask) {
+  check_cuda(x, "bayes_linear_backward");
+  c10::cuda::CUDAGuard guard(x.device());
+  return bayes_linear_backward(grad_out, x, weight_mu, weight_rho, bias_rho, eps, std, mask, kCuda);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(iwae_ext, CUDA, m) {
+  m.impl("bayes_linear", &bayes_linear_cuda);
+  m.impl("bayes_linear_backward", &bayes_linear_backward_cuda);
+}
+
+}  // namespace iwae_ext
