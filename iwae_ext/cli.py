@@ -35,7 +35,9 @@ def train_parser() -> argparse.ArgumentParser:
                     "With no flags: IWAE k=5, 784-200-200-50 tanh, 30 epochs on the bundled "
                     "binarized MNIST, test L_5000.")
     a = p.add_argument
-    a("--model", choices=["vae", "iwae"], default=S, help=f"objective: ELBO or IWAE bound (default {d.model})")
+    a("--model", choices=["vae", "iwae", "iwaer", "iwaer_rec"], default=S,
+      help=f"VAE (ELBO), IWAE (IWAE bound), IWAER / IWAER_rec (random decoder and encoder weights / "
+           f"random encoder weights, paper 000) (default {d.model})")
     a("--k", type=int, default=S, help=f"importance samples per data point (default {d.k})")
     a("--layers", type=int, choices=[1, 2], default=S, help="stochastic layers (default 1)")
     a("--hidden", type=_hidden, default=S,
@@ -59,7 +61,15 @@ def train_parser() -> argparse.ArgumentParser:
       help="encoder gradient estimator (default standard)")
     a("--kl", choices=["mc", "analytic"], default=S,
       help="VAE KL term: Monte Carlo (L^A) or analytic (L^B; the default for a one-layer VAE)")
-    a("--eval-k", type=int, dest="eval_k", default=S, help=f"samples for the test L_k (default {d.eval_k})")
+    a("--prior-std", type=float, dest="prior_std", default=S,
+      help="random weights: N(0, s^2) prior with KL/N per minibatch (default: none, as paper 000)")
+    a("--rho-init", type=float, dest="rho_init", default=S,
+      help=f"random weights: initial rho, sigma = softplus(rho) (default {d.rho_init})")
+    a("--init-from", dest="init_from", default=S,
+      help="start from a trained run of the same architecture (for iwaer/iwaer_rec: a deterministic "
+           "run's weights become the means of the random weights)")
+    a("--eval-k", type=int, dest="eval_k", default=S,
+      help="samples for the test L_k (default 5000; 2000 for iwaer, iwaer_rec)")
     a("--eval-batch-size", type=int, dest="eval_batch_size", default=S, help=argparse.SUPPRESS)
     a("--train-eval-size", type=int, dest="train_eval_size", default=S,
       help=f"training images for train_log_likelihood, 0 = all (default {d.train_eval_size})")

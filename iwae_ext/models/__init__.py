@@ -13,9 +13,15 @@ stochastic layers; VAE and IWAE differ only in the objective they are trained wi
 Two stochastic layers (Burda et al. 2016): q(z1|x) q(z2|z1) and p(z2) p(z1|z2) p(x|z1). Their
 latent tuple (z1, z2) is one tensor z = cat([z1, z2], -1) of width Z = Z1 + Z2 everywhere in
 this interface; :meth:`VAE.split_latent` splits it.
+
+Random weights (IWAER, IWAER_rec; paper 000): ``VAE(..., random_weights="all" | "encoder")``
+makes those networks' layers :class:`BayesLinear`. ``log_weights(x, k)`` then draws the weights
+per data point and per importance sample, jointly with z (paper 000, eq. 3), so L_k and its
+evaluation need no other code; ``posterior(x)`` draws one encoder weight sample per data point.
 """
+from .bayes import BayesLinear
 from .vae import (MLP, BernoulliDecoder, ConditionalGaussian, DiagonalNormal, GaussianDecoder,
                   HierarchicalPosterior, VAE)
 
 __all__ = ["MLP", "ConditionalGaussian", "DiagonalNormal", "BernoulliDecoder", "GaussianDecoder",
-           "HierarchicalPosterior", "VAE"]
+           "HierarchicalPosterior", "VAE", "BayesLinear"]

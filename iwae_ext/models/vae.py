@@ -15,9 +15,12 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 from torch.func import functional_call
 
+from .bayes import BayesLinear
+
 LOG_2PI = math.log(2 * math.pi)
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 LIKELIHOODS = ("bernoulli", "gaussian")
+RANDOM_WEIGHTS = ("none", "encoder", "all")
 
 
 def normal_log_prob(z: Tensor, loc: Tensor, logvar: Tensor) -> Tensor:
@@ -30,15 +33,21 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
     return -0.5 * (LOG_2PI + z.square()).sum(-1)
 
 
-class MLP(nn.Sequential):
-    """Linear layers of the given sizes, each followed by the activation."""
+def _bias(layer: nn.Module) -> Tensor:
+    """The (mean) bias of an nn.Linear or a BayesLinear."""
+    return layer.bias_mu if isinstance(layer, BayesLinear) else layer.bias
 
-    def __init__(self, sizes: Sequence[int], activation: str = "tanh"):
+
+class MLP(nn.Sequential):
+    """Linear layers of the given sizes, each followed by the activation. ``linear``: the layer
+    class (``nn.Linear``, or ``BayesLinear`` / a partial of it for random weights)."""
+
+    def __init__(self, sizes: Sequence[int], activation: str = "tanh", linear=nn.Linear):
         if activation not in ACTIVATIONS:
             raise ValueError(f"MLP: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         layers = []
         for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(n_in, n_out), ACTIVATIONS[activation]()]
+            layers += [linear(n_in, n_out), ACTIVATIONS[activation]()]
         super().__init__(*layers)
         self.out_features = sizes[-1]
 
@@ -47,11 +56,11 @@ class ConditionalGaussian(nn.Module):
     """A diagonal Gaussian whose mean and log-variance are an MLP of the input: [..., in] -> 2 x [..., out]."""
 
     def __init__(self, in_features: int, hidden: Sequence[int], out_features: int,
-                 activation: str = "tanh"):
+                 activation: str = "tanh", linear=nn.Linear):
         super().__init__()
-        self.body = MLP([in_features, *hidden], activation)
-        self.loc = nn.Linear(self.body.out_features, out_features)
-        self.logvar = nn.Linear(self.body.out_features, out_features)
+        self.body = MLP([in_features, *hidden], activation, linear)
+        self.loc = linear(self.body.out_features, out_features)
+        self.logvar = linear(self.body.out_features, out_features)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         h = self.body(h)
@@ -133,13 +142,14 @@ class BernoulliDecoder(nn.Module):
     """p(x|z) = prod_d Bernoulli(x_d; sigmoid(logits_d)); logits = MLP(z). Output bias = logit(mean)."""
 
     def __init__(self, latent_dim: int, hidden: Sequence[int], x_dim: int, activation: str = "tanh",
-                 x_mean: Tensor | None = None):
+                 x_mean: Tensor | None = None, linear=nn.Linear):
         super().__init__()
-        self.body = MLP([latent_dim, *hidden], activation)
-        self.logits = nn.Linear(self.body.out_features, x_dim)
+        self.body = MLP([latent_dim, *hidden], activation, linear)
+        self.logits = linear(self.body.out_features, x_dim)
         if x_mean is not None:
+            bias = _bias(self.logits)
             with torch.no_grad():
-                self.logits.bias.copy_(torch.logit(x_mean.to(self.logits.bias).clamp(1e-3, 1 - 1e-3)))
+                bias.copy_(torch.logit(x_mean.to(bias).clamp(1e-3, 1 - 1e-3)))
 
     def forward(self, z: Tensor) -> Tensor:
         return self.logits(self.body(z))
@@ -162,12 +172,13 @@ class GaussianDecoder(nn.Module):
     """p(x|z) = N(x; sigmoid(m(z)), diag(exp(v(z)))) (Kingma & Welling, appendix C.2)."""
 
     def __init__(self, latent_dim: int, hidden: Sequence[int], x_dim: int, activation: str = "tanh",
-                 x_mean: Tensor | None = None):
+                 x_mean: Tensor | None = None, linear=nn.Linear):
         super().__init__()
-        self.net = ConditionalGaussian(latent_dim, hidden, x_dim, activation)
+        self.net = ConditionalGaussian(latent_dim, hidden, x_dim, activation, linear)
         if x_mean is not None:
+            bias = _bias(self.net.loc)
             with torch.no_grad():
-                self.net.loc.bias.copy_(torch.logit(x_mean.to(self.net.loc.bias).clamp(1e-3, 1 - 1e-3)))
+                bias.copy_(torch.logit(x_mean.to(bias).clamp(1e-3, 1 - 1e-3)))
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         loc, logvar = self.net(z)
@@ -199,11 +210,16 @@ class VAE(nn.Module):
         activation: tanh, relu or sigmoid.
         likelihood: "bernoulli" (logits) or "gaussian" (mean and log-variance).
         x_mean: the training data mean [D], to initialise the decoder's output bias.
+        random_weights: "none"; "encoder" (IWAER_rec) or "all" (IWAER, paper 000): those
+            networks' layers are :class:`BayesLinear`, with one weight draw per data point and
+            per importance sample in ``log_weights`` (one stochastic layer only).
+        rho_init: initial rho of the random weights (sigma = softplus(rho)).
     """
 
     def __init__(self, x_dim: int = 784, latent_dims: Sequence[int] = (50,),
                  hidden: Sequence | None = None, activation: str = "tanh",
-                 likelihood: str = "bernoulli", x_mean: Tensor | None = None):
+                 likelihood: str = "bernoulli", x_mean: Tensor | None = None,
+                 random_weights: str = "none", rho_init: float = -5.0):
         super().__init__()
         latent_dims = tuple(int(d) for d in latent_dims)
         if len(latent_dims) not in (1, 2) or min(latent_dims) < 1:
@@ -220,21 +236,31 @@ class VAE(nn.Module):
             raise ValueError(f"VAE: likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"VAE: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if random_weights not in RANDOM_WEIGHTS:
+            raise ValueError(f"VAE: random_weights must be one of {RANDOM_WEIGHTS}, got {random_weights!r}")
+        if random_weights != "none" and len(latent_dims) != 1:
+            raise ValueError("VAE: random weights (IWAER) are implemented for one stochastic layer")
         if x_mean is not None and tuple(x_mean.shape) != (x_dim,):
             raise ValueError(f"VAE: x_mean must have shape [{x_dim}], got {tuple(x_mean.shape)}")
         self.config = {"x_dim": int(x_dim), "latent_dims": list(latent_dims),
                        "hidden": [list(h) for h in hidden], "activation": activation,
-                       "likelihood": likelihood}
+                       "likelihood": likelihood, "random_weights": random_weights,
+                       "rho_init": float(rho_init)}
         self.x_dim, self.latent_dims = int(x_dim), latent_dims
+        self.random_weights = random_weights
+        bayes = lambda n_in, n_out: BayesLinear(n_in, n_out, rho_init)  # noqa: E731
+        enc_linear = nn.Linear if random_weights == "none" else bayes
+        dec_linear = bayes if random_weights == "all" else nn.Linear
         inputs = (x_dim,) + latent_dims[:-1]
         self.encoders = nn.ModuleList(
-            ConditionalGaussian(n_in, h, z, activation) for n_in, h, z in zip(inputs, hidden, latent_dims))
+            ConditionalGaussian(n_in, h, z, activation, enc_linear)
+            for n_in, h, z in zip(inputs, hidden, latent_dims))
         # p(z1|z2) for two layers: the mirror of q(z2|z1).
         self.priors = nn.ModuleList(
             ConditionalGaussian(latent_dims[i + 1], hidden[i + 1][::-1], latent_dims[i], activation)
             for i in range(len(latent_dims) - 1))
         decoder = BernoulliDecoder if likelihood == "bernoulli" else GaussianDecoder
-        self.decoder = decoder(latent_dims[0], hidden[0][::-1], x_dim, activation, x_mean)
+        self.decoder = decoder(latent_dims[0], hidden[0][::-1], x_dim, activation, x_mean, dec_linear)
 
     @property
     def latent_dim(self) -> int:
@@ -295,8 +321,15 @@ class VAE(nn.Module):
         """
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
-        q = self.posterior(x)
-        z = q.rsample((k,))
+        if self.random_weights != "none":
+            # Paper 000, eq. 3: encoder weights drawn per data point and per sample (x repeated
+            # k times, each row its own draw), z_j ~ q(z|x, phi_j); the decoder's BayesLinear
+            # layers draw per row of z, i.e. per sample and data point, too.
+            q = DiagonalNormal(*self.encoders[0](self._check_x(x).expand(k, *x.shape)))
+            z = q.rsample()
+        else:
+            q = self.posterior(x)
+            z = q.rsample((k,))
         log_q = (q.detached() if stop_gradient_q else q).log_prob(z)
         log_w = self.log_joint(x, z) - log_q
         return (log_w, z) if return_latent else log_w
@@ -317,6 +350,36 @@ class VAE(nn.Module):
             return [q.loc]
         z1 = q.q1.rsample((num_samples,))
         return [q.q1.loc, q.layer2(z1)[0].mean(0)]
+
+    @classmethod
+    def from_deterministic(cls, model: "VAE", random_weights: str = "all", rho_init: float = -5.0) -> "VAE":
+        """A random-weight copy of a (trained) deterministic model: its weights become the means
+        of the BayesLinear layers, rho = rho_init."""
+        if model.random_weights != "none":
+            raise ValueError("from_deterministic: the model already has random weights")
+        cfg = dict(model.config, random_weights=random_weights, rho_init=rho_init)
+        p = next(model.parameters())
+        new = cls(**cfg).to(dtype=p.dtype, device=p.device)
+        state = {}
+        for name, value in model.state_dict().items():
+            prefix, _, leaf = name.rpartition(".")
+            target = new.get_submodule(prefix)
+            if isinstance(target, BayesLinear):
+                name = f"{prefix}.{leaf}_mu"
+            state[name] = value
+        missing, unexpected = new.load_state_dict(state, strict=False)
+        if unexpected or any(not m.endswith("_rho") for m in missing):
+            raise RuntimeError(f"from_deterministic: parameters do not map: {missing} {unexpected}")
+        return new
+
+    def weight_kl(self, prior_std: float) -> Tensor:
+        """KL(q(weights) || N(0, prior_std^2)) summed over the random layers (0 without any)."""
+        p = next(self.parameters())
+        total = torch.zeros((), dtype=p.dtype, device=p.device)
+        for m in self.modules():
+            if isinstance(m, BayesLinear):
+                total = total + m.kl(prior_std)
+        return total
 
     @torch.no_grad()
     def sample(self, n: int, mean: bool = True, generator: torch.Generator | None = None) -> Tensor:

@@ -33,7 +33,10 @@ __all__ = ["TrainConfig", "train", "load_checkpoint", "NonFiniteLossError", "bur
            "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "iwae_ext.checkpoint/1"
-MODELS = ("vae", "iwae")
+MODELS = ("vae", "iwae", "iwaer", "iwaer_rec")
+# model -> (objective, random weights)
+_MODEL_KIND = {"vae": ("elbo", "none"), "iwae": ("iwae", "none"), "iwaer": ("iwae", "all"),
+               "iwaer_rec": ("iwae", "encoder")}
 # TrainConfig fields that a resumed run may change (the rest define the run).
 RESUMABLE = ("epochs", "device", "progress", "eval_k", "eval_batch_size", "train_eval_size",
              "data_dir", "download")
@@ -49,7 +52,7 @@ class TrainConfig:
     """Everything that defines a run. Defaults: IWAE k = 5, 784-200-200-50 tanh, bundled
     binarized MNIST, batch 100, 30 epochs at lr 1e-3, L_5000 on the test split."""
 
-    model: str = "iwae"  # "vae" (ELBO) or "iwae" (IWAE bound L_k)
+    model: str = "iwae"  # "vae" (ELBO), "iwae" (IWAE bound L_k), "iwaer" / "iwaer_rec" (paper 000)
     k: int = 5  # importance samples per data point in training
     layers: int = 1  # stochastic layers
     hidden: list | None = None  # per layer, e.g. [[200, 200]] (one layer) or [[200, 200], [100, 100]]
@@ -65,7 +68,10 @@ class TrainConfig:
     lr: float = 1e-3
     estimator: str = "standard"  # "standard", "stl", "dreg"
     kl: str | None = None  # "mc" or "analytic"; default analytic for a one-layer VAE, else mc
-    eval_k: int = 5000
+    prior_std: float | None = None  # random weights: N(0, s^2) prior, KL/N per minibatch
+    rho_init: float = -5.0  # random weights: initial rho, sigma = softplus(rho)
+    init_from: str | None = None  # a run / checkpoint of the same architecture to start from
+    eval_k: int | None = None  # default 5000; 2000 for iwaer / iwaer_rec (paper 000)
     eval_batch_size: int = 100
     train_eval_size: int = 2000  # training images for train_log_likelihood (0: all)
     subset: int = 0  # > 0: train and test on this many images of each split (smoke tests)
@@ -83,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"model must be one of {MODELS}, got {c.model!r}")
         if c.layers not in (1, 2):
             raise ValueError(f"layers must be 1 or 2, got {c.layers!r}")
+        if c.eval_k is None:
+            c.eval_k = 2000 if c.model in ("iwaer", "iwaer_rec") else 5000
         for name in ("k", "batch_size", "eval_k", "eval_batch_size"):
             v = getattr(c, name)
             if not isinstance(v, int) or v < 1:
@@ -121,8 +129,16 @@ class TrainConfig:
             raise ValueError(f"kl must be one of {KL_ESTIMATORS}, got {c.kl!r}")
         if c.kl == "analytic" and (c.model != "vae" or c.layers != 1):
             raise ValueError("kl='analytic' needs model='vae' with one stochastic layer")
-        if c.estimator == "dreg" and c.model != "iwae":
-            raise ValueError("estimator 'dreg' is for model='iwae'; use 'stl' for the VAE")
+        if c.estimator == "dreg" and c.model == "vae":
+            raise ValueError("estimator 'dreg' is for the IWAE bound (model iwae, iwaer, iwaer_rec); "
+                             "use 'stl' for the VAE")
+        if c.model in ("iwaer", "iwaer_rec") and c.layers != 1:
+            raise ValueError(f"model {c.model!r} (random weights) needs layers=1")
+        if c.prior_std is not None and (c.model not in ("iwaer", "iwaer_rec") or not c.prior_std > 0):
+            raise ValueError(f"prior_std needs a model with random weights (iwaer, iwaer_rec) and a "
+                             f"positive value, got model {c.model!r}, prior_std {c.prior_std!r}")
+        if not math.isfinite(c.rho_init):
+            raise ValueError(f"rho_init must be finite, got {c.rho_init!r}")
         return c
 
     def to_dict(self) -> dict:
@@ -152,7 +168,23 @@ def _device(name: str) -> torch.device:
 
 def build_model(config: TrainConfig, dataset: Dataset) -> VAE:
     return VAE(dataset.x_dim, config.latent_dim, config.hidden, config.activation, config.decoder,
-               x_mean=dataset.mean("train"))
+               x_mean=dataset.mean("train"), random_weights=_MODEL_KIND[config.model][1],
+               rho_init=config.rho_init)
+
+
+def _init_from(model: VAE, path: str) -> VAE:
+    """The model's parameters from a trained run: copied, or (deterministic run, random-weight
+    model) used as the means of the random weights."""
+    source = load_checkpoint(path)
+    arch = ("x_dim", "latent_dims", "hidden", "activation", "likelihood")
+    if any(source.config[k] != model.config[k] for k in arch):
+        raise ValueError(f"init_from {path}: the run's architecture "
+                         f"{ {k: source.config[k] for k in arch} } differs from this model's "
+                         f"{ {k: model.config[k] for k in arch} }")
+    if source.random_weights == model.random_weights:
+        model.load_state_dict(source.state_dict())
+        return model
+    return VAE.from_deterministic(source, model.random_weights, model.config["rho_init"])
 
 
 def _save_atomic(obj, path: str):
@@ -176,7 +208,7 @@ def load_checkpoint(path: str, map_location="cpu", with_state: bool = False):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an iwae_ext checkpoint (format {CHECKPOINT_FORMAT})")
     cfg = ckpt["model_config"]
-    model = VAE(cfg["x_dim"], cfg["latent_dims"], cfg["hidden"], cfg["activation"], cfg["likelihood"])
+    model = VAE(**cfg)
     model.load_state_dict(ckpt["model_state"])
     model.eval()
     return (model, ckpt) if with_state else model
@@ -280,9 +312,12 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
     device = _device(config.device)
     torch.manual_seed(config.seed)
     data_gen = torch.Generator().manual_seed(config.seed + 1)
-    model = build_model(config, dataset).to(device)
+    model = build_model(config, dataset)
+    if config.init_from and ckpt is None:
+        model = _init_from(model, config.init_from)
+    model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-4)
-    objective_name = "iwae" if config.model == "iwae" else "elbo"
+    objective_name = _MODEL_KIND[config.model][0]
 
     epoch, step, perm, sums, history, train_seconds = 0, 0, None, [0.0, 0], [], 0.0
     if ckpt is not None:
@@ -338,6 +373,8 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
                 bound = objective(model, x, config.k, objective_name, config.estimator, config.kl,
                                   fused=config.fused)
                 loss = -bound.mean()
+                if config.prior_std is not None:  # full variational Bayes: KL/N per minibatch
+                    loss = loss + model.weight_kl(config.prior_std) / n
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1} of "
