@@ -42,7 +42,8 @@ def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp"]  # torch adds the -std= its headers need
+    # torch adds the -std= its headers need; -fno-math-errno lets loops with sqrt vectorise
+    cxx = opt + ["-fopenmp", "-fno-math-errno"]
     arch_list = ""
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:

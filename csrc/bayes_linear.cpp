@@ -8,9 +8,9 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
-#include <ATen/ops/square.h>
 #include <ATen/ops/sigmoid.h>
 #include <ATen/ops/softplus.h>
+#include <ATen/ops/square.h>
 #include <ATen/ops/sum.h>
 
 namespace iwae_ext {
@@ -56,6 +56,15 @@ void check_args(const at::Tensor& x, const at::Tensor& weight_mu, const at::Tens
 
 at::Tensor rows(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}).contiguous(); }
 
+// (softplus(rho)^2, its derivative 2 softplus(rho) sigmoid(rho)): small [out, in] tensors, so
+// ATen's vectorised elementwise ops.
+std::pair<at::Tensor, at::Tensor> rho_terms(const at::Tensor& rho, bool with_derivative) {
+  const at::Tensor sigma = at::softplus(rho);
+  at::Tensor dsigma2;
+  if (with_derivative) dsigma2 = at::mul(sigma, at::sigmoid(rho)).mul_(2);
+  return {at::square(sigma), dsigma2};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> bayes_linear_forward(
@@ -66,10 +75,10 @@ std::tuple<at::Tensor, at::Tensor> bayes_linear_forward(
   check_shape(bias_mu, {weight_mu.size(0)}, "bias_mu", kOp);
   check_like_x(bias_mu, x, "bias_mu", kOp);
   const at::Tensor x2 = rows(x);
-  const at::Tensor sigma_w = at::softplus(weight_rho);
-  const at::Tensor sigma_b = at::softplus(bias_rho);
+  const at::Tensor sigma2_w = rho_terms(weight_rho, false).first;
+  const at::Tensor sigma2_b = rho_terms(bias_rho, false).first;
   at::Tensor mean = at::addmm(bias_mu, x2, weight_mu.t());                 // [M, out]
-  at::Tensor var = at::addmm(at::square(sigma_b), at::square(x2), at::square(sigma_w).t());
+  at::Tensor var = at::addmm(sigma2_b, at::square(x2), sigma2_w.t());
   ew.combine(mean, var, rows(eps));                                         // -> out, std
   const auto shape = out_shape(x, weight_mu.size(0));
   return {mean.view(shape), var.view(shape)};
@@ -90,20 +99,17 @@ bayes_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
   at::Tensor grad_var = at::empty_like(g), grad_eps = at::empty_like(g);
   ew.grads(g, rows(eps), rows(std), grad_var, grad_eps);
   const at::Tensor x2 = rows(x);
-  const at::Tensor sigma_w = at::softplus(weight_rho);
   at::Tensor d_x, d_wmu, d_wrho, d_bmu, d_brho, d_eps;
-  if (mask[0]) {
-    d_x = at::mm(grad_var, at::square(sigma_w)).mul_(x2).mul_(2).addmm_(g, weight_mu);
-    d_x = d_x.view(x.sizes());
+  if (mask[0] || mask[2]) {
+    const auto [sigma2_w, dsigma2_w] = rho_terms(weight_rho, mask[2]);
+    // d/d x = 2 x (d/d var sigma_W^2) + g W_mu: the 2 folded into addmm's beta
+    if (mask[0])
+      d_x = at::mm(grad_var, sigma2_w).mul_(x2).addmm_(g, weight_mu, /*beta=*/2).view(x.sizes());
+    if (mask[2]) d_wrho = at::mm(grad_var.t(), at::square(x2)).mul_(dsigma2_w);
   }
   if (mask[1]) d_wmu = at::mm(g.t(), x2);
-  if (mask[2])
-    d_wrho = at::mm(grad_var.t(), at::square(x2)).mul_(at::mul(sigma_w, at::sigmoid(weight_rho))).mul_(2);
   if (mask[3]) d_bmu = g.sum(0);
-  if (mask[4]) {
-    const at::Tensor sigma_b = at::softplus(bias_rho);
-    d_brho = grad_var.sum(0).mul_(at::mul(sigma_b, at::sigmoid(bias_rho))).mul_(2);
-  }
+  if (mask[4]) d_brho = grad_var.sum(0).mul_(rho_terms(bias_rho, true).second);
   if (mask[5]) d_eps = grad_eps.view(eps.sizes());
   return {d_x, d_wmu, d_wrho, d_bmu, d_brho, d_eps};
 }
