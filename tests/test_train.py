@@ -122,7 +122,7 @@ def test_bad_config_errors_name_the_field():
         iwae_ext.train(dataset="nope", progress=False)
     with pytest.raises(ValueError, match="k must be a positive integer"):
         iwae_ext.train(k=0, progress=False)
-    with pytest.raises(ValueError, match="estimator 'dreg' is for model='iwae'"):
+    with pytest.raises(ValueError, match="estimator 'dreg' is for the IWAE bound"):
         iwae_ext.train(model="vae", estimator="dreg", progress=False)
     with pytest.raises(ValueError, match="lr must be a positive number"):
         iwae_ext.train(lr=float("nan"), progress=False)
