@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._checks import check_choice
 from .ops import logmeanexp, reference
 
 OBJECTIVES = ("iwae", "elbo")
@@ -52,12 +53,9 @@ def normalized_weights(log_w: Tensor, dim: int = 0) -> Tensor:
 
 
 def _check(objective_name: str, estimator: str, kl: str):
-    if objective_name not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective_name!r}")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if kl not in KL_ESTIMATORS:
-        raise ValueError(f"kl must be one of {KL_ESTIMATORS}, got {kl!r}")
+    check_choice("objective", objective_name, OBJECTIVES)
+    check_choice("estimator", estimator, ESTIMATORS)
+    check_choice("kl", kl, KL_ESTIMATORS)
     if kl == "analytic" and (objective_name != "elbo" or estimator != "standard"):
         raise ValueError("kl='analytic' applies to objective='elbo' with estimator='standard' "
                          f"(got objective={objective_name!r}, estimator={estimator!r})")

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 from torch.func import functional_call
 
+from .._checks import check_choice
 from .bayes import BayesLinear
 
 LOG_2PI = math.log(2 * math.pi)
@@ -43,8 +44,7 @@ class MLP(nn.Sequential):
     class (``nn.Linear``, or ``BayesLinear`` / a partial of it for random weights)."""
 
     def __init__(self, sizes: Sequence[int], activation: str = "tanh", linear=nn.Linear):
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"MLP: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        check_choice("activation", activation, sorted(ACTIVATIONS), "MLP")
         layers = []
         for n_in, n_out in zip(sizes[:-1], sizes[1:]):
             layers += [linear(n_in, n_out), ACTIVATIONS[activation]()]
@@ -232,12 +232,9 @@ class VAE(nn.Module):
         if len(hidden) != len(latent_dims):
             raise ValueError(f"VAE: hidden must give one tuple of widths per stochastic layer "
                              f"({len(latent_dims)}), got {hidden}")
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"VAE: likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"VAE: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        if random_weights not in RANDOM_WEIGHTS:
-            raise ValueError(f"VAE: random_weights must be one of {RANDOM_WEIGHTS}, got {random_weights!r}")
+        check_choice("likelihood", likelihood, LIKELIHOODS, "VAE")
+        check_choice("activation", activation, sorted(ACTIVATIONS), "VAE")
+        check_choice("random_weights", random_weights, RANDOM_WEIGHTS, "VAE")
         if random_weights != "none" and len(latent_dims) != 1:
             raise ValueError("VAE: random weights (IWAER) are implemented for one stochastic layer")
         if x_mean is not None and tuple(x_mean.shape) != (x_dim,):

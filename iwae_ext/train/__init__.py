@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import evaluate
+from .._checks import check_choice
 from ..data import DATASETS, Dataset, load_dataset
 from ..models import VAE
 from ..objectives import ESTIMATORS, KL_ESTIMATORS, objective
@@ -85,8 +86,7 @@ class TrainConfig:
     def resolved(self, dataset: Dataset) -> "TrainConfig":
         """A copy with defaults filled in and every field checked (errors name the field)."""
         c = dataclasses.replace(self)
-        if c.model not in MODELS:
-            raise ValueError(f"model must be one of {MODELS}, got {c.model!r}")
+        check_choice("model", c.model, MODELS)
         if c.layers not in (1, 2):
             raise ValueError(f"layers must be 1 or 2, got {c.layers!r}")
         if c.eval_k is None:
@@ -107,8 +107,7 @@ class TrainConfig:
             raise ValueError(f"schedule must be None or 'burda', got {c.schedule!r}")
         if c.schedule == "burda":
             c.epochs = sum(3 ** i for i in range(BURDA_STAGES))
-        if c.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {c.estimator!r}")
+        check_choice("estimator", c.estimator, ESTIMATORS)
         c.hidden = [list(h) for h in (c.hidden or ([[200, 200]] if c.layers == 1 else [[200, 200], [100, 100]]))]
         if len(c.hidden) == 1 and c.layers == 2:
             raise ValueError("hidden gives one layer's widths but layers=2: give both, e.g. "
@@ -118,15 +117,13 @@ class TrainConfig:
             raise ValueError(f"hidden {c.hidden} and latent_dim {c.latent_dim} must each give "
                              f"{c.layers} layer(s)")
         c.decoder = c.decoder or dataset.likelihood
-        if c.decoder not in ("bernoulli", "gaussian"):
-            raise ValueError(f"decoder must be bernoulli or gaussian, got {c.decoder!r}")
+        check_choice("decoder", c.decoder, ("bernoulli", "gaussian"))
         if c.decoder == "bernoulli" and dataset.binarization == "none" and dataset.likelihood != "bernoulli":
             raise ValueError(f"decoder 'bernoulli' needs binary data; data set {dataset.name!r} is "
                              f"continuous: use --decoder gaussian")
         if c.kl is None:
             c.kl = "analytic" if (c.model == "vae" and c.layers == 1 and c.estimator == "standard") else "mc"
-        if c.kl not in KL_ESTIMATORS:
-            raise ValueError(f"kl must be one of {KL_ESTIMATORS}, got {c.kl!r}")
+        check_choice("kl", c.kl, KL_ESTIMATORS)
         if c.kl == "analytic" and (c.model != "vae" or c.layers != 1):
             raise ValueError("kl='analytic' needs model='vae' with one stochastic layer")
         if c.estimator == "dreg" and c.model == "vae":
