@@ -51,7 +51,7 @@ def test_float32_error_within_twice_pytorchs(device):
     want, wgs = grads(reference.bayes_linear, args64, g64)
     ours, ogs = grads(bayes_linear, args32, g64.float())
     theirs, tgs = grads(reference.bayes_linear, args32, g64.float())
-    err = lambda a, b: float((a.detach().double() - b).abs().max())  # noqa: E731
+    err = lambda a, b: float((a.detach().double() - b.detach()).abs().max())  # noqa: E731
     assert err(ours, want) <= 2 * err(theirs, want) + 1e-6
     for name, o, t, w in zip(NAMES, ogs, tgs, wgs):
         assert err(o, w) <= 2 * err(t, w) + 1e-5 * float(w.abs().max()), name
