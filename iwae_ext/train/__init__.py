@@ -192,6 +192,16 @@ def _save_atomic(obj, path: str):
     os.replace(tmp, path)
 
 
+def _read_checkpoint(path: str, map_location="cpu") -> dict:
+    """A checkpoint file's dict, loaded with weights_only=True and its format checked."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an iwae_ext checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
 def load_checkpoint(path: str, map_location="cpu", with_state: bool = False):
     """The model of a training run's checkpoint (in eval mode), loaded with weights_only=True.
 
@@ -199,11 +209,7 @@ def load_checkpoint(path: str, map_location="cpu", with_state: bool = False):
     """
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an iwae_ext checkpoint (format {CHECKPOINT_FORMAT})")
+    ckpt = _read_checkpoint(path, map_location)
     cfg = ckpt["model_config"]
     model = VAE(**cfg)
     model.load_state_dict(ckpt["model_state"])
@@ -279,9 +285,7 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
         path = os.path.join(out, "checkpoint.pt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"resume: no checkpoint at {path}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"resume: {path} is not an iwae_ext checkpoint")
+        ckpt = _read_checkpoint(path)
         saved = dict(ckpt["config"])
         # The run's definition is the saved one; on resume only these may change.
         for name, value in overrides.items():
