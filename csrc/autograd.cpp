@@ -130,6 +130,8 @@ class BayesLinear : public torch::autograd::Function<BayesLinear> {
     auto [out, std] = call_bayes_linear(x, wmu, wrho, bmu, brho, eps);
     ctx->save_for_backward({x, wmu, wrho, brho, eps, std});
     ctx->mark_non_differentiable({std});
+    // std has no gradient: do not let autograd build a zero [M, out] tensor for it
+    ctx->set_materialize_grads(false);
     return {out, std};
   }
 
@@ -137,6 +139,7 @@ class BayesLinear : public torch::autograd::Function<BayesLinear> {
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "bayes_linear: double backward (create_graph=True) is not implemented");
     const auto s = ctx->get_saved_variables();
+    if (!grads[0].defined()) return variable_list(6);  // out unused: every gradient is zero
     std::array<bool, 6> mask;
     for (size_t i = 0; i < 6; ++i) mask[i] = ctx->needs_input_grad(i);
     auto [dx, dwmu, dwrho, dbmu, dbrho, deps] =

@@ -4,7 +4,6 @@
 // (csrc/cpu/bayes_linear.cpp, csrc/cuda/bayes_linear.cu) through BayesLinearElementwise.
 #include "bayes_linear.h"
 
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
@@ -77,9 +76,11 @@ std::tuple<at::Tensor, at::Tensor> bayes_linear_forward(
   const at::Tensor x2 = rows(x);
   const at::Tensor sigma2_w = rho_terms(weight_rho, false).first;
   const at::Tensor sigma2_b = rho_terms(bias_rho, false).first;
-  at::Tensor mean = at::addmm(bias_mu, x2, weight_mu.t());                 // [M, out]
-  at::Tensor var = at::addmm(sigma2_b, at::square(x2), sigma2_w.t());
-  ew.combine(mean, var, rows(eps));                                         // -> out, std
+  // the biases are added in the elementwise pass, not by addmm (which would first copy the
+  // broadcast bias into the [M, out] result: one more pass over it)
+  at::Tensor mean = at::mm(x2, weight_mu.t());                 // [M, out]
+  at::Tensor var = at::mm(at::square(x2), sigma2_w.t());
+  ew.combine(mean, var, bias_mu.contiguous(), sigma2_b, rows(eps));  // -> out, std
   const auto shape = out_shape(x, weight_mu.size(0));
   return {mean.view(shape), var.view(shape)};
 }
@@ -96,21 +97,23 @@ bayes_linear_backward(const at::Tensor& grad_out, const at::Tensor& x,
   check_like_x(grad_out, x, "grad_out", op);
   check_like_x(std, x, "std", op);
   const at::Tensor g = rows(grad_out);
-  at::Tensor grad_var = at::empty_like(g), grad_eps = at::empty_like(g);
+  at::Tensor grad_var = at::empty_like(g);
+  at::Tensor grad_eps = mask[5] ? at::empty_like(g) : at::Tensor();
   ew.grads(g, rows(eps), rows(std), grad_var, grad_eps);
   const at::Tensor x2 = rows(x);
   at::Tensor d_x, d_wmu, d_wrho, d_bmu, d_brho, d_eps;
-  if (mask[0] || mask[2]) {
-    const auto [sigma2_w, dsigma2_w] = rho_terms(weight_rho, mask[2]);
-    // d/d x = 2 x (d/d var sigma_W^2) + g W_mu: the 2 folded into addmm's beta
-    if (mask[0])
-      d_x = at::mm(grad_var, sigma2_w).mul_(x2).addmm_(g, weight_mu, /*beta=*/2).view(x.sizes());
-    if (mask[2]) d_wrho = at::mm(grad_var.t(), at::square(x2)).mul_(dsigma2_w);
-  }
   if (mask[1]) d_wmu = at::mm(g.t(), x2);
   if (mask[3]) d_bmu = g.sum(0);
   if (mask[4]) d_brho = grad_var.sum(0).mul_(rho_terms(bias_rho, true).second);
   if (mask[5]) d_eps = grad_eps.view(eps.sizes());
+  if (mask[0] || mask[2]) {
+    const auto [sigma2_w, dsigma2_w] = rho_terms(weight_rho, mask[2]);
+    // before d_x, so the [M, in] square is freed before d_x's [M, in] result is made
+    if (mask[2]) d_wrho = at::mm(grad_var.t(), at::square(x2)).mul_(dsigma2_w);
+    // d/d x = 2 x (d/d var sigma_W^2) + g W_mu: the 2 folded into addmm's beta
+    if (mask[0])
+      d_x = at::mm(grad_var, sigma2_w).mul_(x2).addmm_(g, weight_mu, /*beta=*/2).view(x.sizes());
+  }
   return {d_x, d_wmu, d_wrho, d_bmu, d_brho, d_eps};
 }
 

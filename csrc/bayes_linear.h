@@ -15,33 +15,50 @@
 #pragma once
 
 #include <array>
+#include <cmath>
 
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 
 namespace iwae_ext {
 
-// std and out from the two matmuls' results, one element.
+// sqrt of float as float on the host (std::sqrt's overload, which vectorises) and on the device.
 template <typename T>
-C10_HOST_DEVICE inline void bl_combine(T mean, T var, T eps, T* out, T* std) {
-  const T s = var > T(0) ? sqrt(var) : T(0);
+C10_HOST_DEVICE inline T bl_sqrt(T v) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(v);
+#else
+  return std::sqrt(v);
+#endif
+}
+
+// out and std from the two matmuls' results and the biases, one element: mean = x W_mu^T row
+// entry + b_mu, var = (x*x) (sigma_W^2)^T entry + sigma_b^2 (a var that is not > 0, i.e. one
+// that underflowed to 0, gives std 0).
+template <typename T>
+C10_HOST_DEVICE inline void bl_combine(T xw, T bias_mu, T xxs, T sigma2_b, T eps, T* out, T* std) {
+  const T var = xxs + sigma2_b;
+  const T s = bl_sqrt(var > T(0) ? var : T(0));
   *std = s;
-  *out = mean + s * eps;
+  *out = (xw + bias_mu) + s * eps;
 }
 
-// d/d var and d/d eps from g, eps and std, one element.
+// d/d var from g, eps and std, one element (0 where std == 0; the division is always by a
+// positive number so the loop can be vectorised without masking).
 template <typename T>
-C10_HOST_DEVICE inline void bl_grads(T g, T eps, T std, T* grad_var, T* grad_eps) {
-  *grad_var = std > T(0) ? g * eps / (T(2) * std) : T(0);
-  *grad_eps = g * std;
+C10_HOST_DEVICE inline T bl_grad_var(T g, T eps, T std) {
+  const bool pos = std > T(0);
+  const T q = g * eps / (T(2) * (pos ? std : T(1)));
+  return pos ? q : T(0);
 }
 
-// The elementwise passes each device implements (over n contiguous elements).
+// The elementwise passes each device implements over [M, out] row-major results.
 struct BayesLinearElementwise {
-  // out <- mean + std * eps and std <- sqrt(var), in place: mean_out holds mean on entry,
-  // var_std holds var.
-  void (*combine)(at::Tensor& mean_out, at::Tensor& var_std, const at::Tensor& eps);
-  // grad_var <- g * eps / (2 std) (0 where std == 0), grad_eps <- g * std.
+  // out <- xw + bias_mu + std * eps and std <- sqrt(xxs + sigma2_b), in place: xw_out holds
+  // x W_mu^T on entry and xxs_std holds (x*x) (sigma_W^2)^T; bias_mu and sigma2_b are [out].
+  void (*combine)(at::Tensor& xw_out, at::Tensor& xxs_std, const at::Tensor& bias_mu,
+                  const at::Tensor& sigma2_b, const at::Tensor& eps);
+  // grad_var <- d/d var; grad_eps (when defined) <- g * std.
   void (*grads)(const at::Tensor& g, const at::Tensor& eps, const at::Tensor& std,
                 at::Tensor& grad_var, at::Tensor& grad_eps);
 };

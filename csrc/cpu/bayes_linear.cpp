@@ -1,30 +1,84 @@
 // CPU kernels of the reparameterized Bayesian matmul: the matmuls are the CPU BLAS's
 // (csrc/bayes_linear.cpp); here the two elementwise passes over the [M, out] results, each
-// one fused loop split with at::parallel_for (vectorised: restrict pointers, and setup.py's
-// -fno-math-errno lets the compiler use vector sqrt).
+// one fused loop over rows split with at::parallel_for, the loop over a row's columns
+// vectorised (restrict pointers, std::sqrt of the element type, the division's denominator
+// kept positive; setup.py's -fno-math-errno) and compiled per ISA (simd.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../bayes_linear.h"
+#include "simd.h"
 
 namespace iwae_ext {
 namespace {
 
-constexpr int64_t kGrain = 1 << 14;
+constexpr int64_t kGrain = 1 << 14;  // elements per task at least
+
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)); }
 
 void check_cpu(const at::Tensor& t, const char* op) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
               ": the CPU kernel takes float32 or float64, got ", t.scalar_type());
 }
 
-void combine_cpu(at::Tensor& mean_out, at::Tensor& var_std, const at::Tensor& eps) {
-  AT_DISPATCH_FLOATING_TYPES(mean_out.scalar_type(), "bayes_linear", [&] {
-    scalar_t* __restrict__ out = mean_out.data_ptr<scalar_t>();
-    scalar_t* __restrict__ std = var_std.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ e = eps.const_data_ptr<scalar_t>();
-    at::parallel_for(0, mean_out.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) bl_combine(out[i], std[i], e[i], out + i, std + i);
+template <typename T>
+IWAE_INLINE void combine_rows(T* __restrict__ out, T* __restrict__ std, const T* __restrict__ eps,
+                              const T* __restrict__ bias_mu, const T* __restrict__ sigma2_b,
+                              int64_t cols, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    T* __restrict__ o = out + r * cols;
+    T* __restrict__ s = std + r * cols;
+    const T* __restrict__ e = eps + r * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) bl_combine(o[c], bias_mu[c], s[c], sigma2_b[c], e[c], o + c, s + c);
+  }
+}
+
+template <typename T>
+IWAE_INLINE void grads_flat(const T* __restrict__ g, const T* __restrict__ eps,
+                            const T* __restrict__ std, T* __restrict__ grad_var,
+                            T* __restrict__ grad_eps, int64_t i0, int64_t i1) {
+  if (grad_eps == nullptr) {
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) grad_var[i] = bl_grad_var(g[i], eps[i], std[i]);
+  } else {
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) {
+      grad_var[i] = bl_grad_var(g[i], eps[i], std[i]);
+      grad_eps[i] = g[i] * std[i];
+    }
+  }
+}
+
+#define IWAE_BL_CLONES(T)                                                                     \
+  IWAE_SIMD_CLONES void bl_combine_rows(T* out, T* std, const T* eps, const T* bias_mu,     \
+                                        const T* sigma2_b, int64_t cols, int64_t r0,        \
+                                        int64_t r1) {                                       \
+    combine_rows<T>(out, std, eps, bias_mu, sigma2_b, cols, r0, r1);                        \
+  }                                                                                         \
+  IWAE_SIMD_CLONES void bl_grads_flat(const T* g, const T* eps, const T* std, T* grad_var,  \
+                                      T* grad_eps, int64_t i0, int64_t i1) {                \
+    grads_flat<T>(g, eps, std, grad_var, grad_eps, i0, i1);                                 \
+  }
+
+IWAE_BL_CLONES(float)
+IWAE_BL_CLONES(double)
+#undef IWAE_BL_CLONES
+
+void combine_cpu(at::Tensor& xw_out, at::Tensor& xxs_std, const at::Tensor& bias_mu,
+                 const at::Tensor& sigma2_b, const at::Tensor& eps) {
+  const int64_t cols = xw_out.size(-1), rows = cols == 0 ? 0 : xw_out.numel() / cols;
+  AT_DISPATCH_FLOATING_TYPES(xw_out.scalar_type(), "bayes_linear", [&] {
+    scalar_t* out = xw_out.data_ptr<scalar_t>();
+    scalar_t* std = xxs_std.data_ptr<scalar_t>();
+    const scalar_t* e = eps.const_data_ptr<scalar_t>();
+    const scalar_t* b = bias_mu.const_data_ptr<scalar_t>();
+    const scalar_t* s2 = sigma2_b.const_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
+      bl_combine_rows(out, std, e, b, s2, cols, r0, r1);
     });
   });
 }
@@ -32,13 +86,13 @@ void combine_cpu(at::Tensor& mean_out, at::Tensor& var_std, const at::Tensor& ep
 void grads_cpu(const at::Tensor& g, const at::Tensor& eps, const at::Tensor& std,
                at::Tensor& grad_var, at::Tensor& grad_eps) {
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "bayes_linear_backward", [&] {
-    const scalar_t* __restrict__ gp = g.const_data_ptr<scalar_t>();
-    const scalar_t* __restrict__ e = eps.const_data_ptr<scalar_t>();
-    const scalar_t* __restrict__ s = std.const_data_ptr<scalar_t>();
-    scalar_t* __restrict__ gv = grad_var.data_ptr<scalar_t>();
-    scalar_t* __restrict__ ge = grad_eps.data_ptr<scalar_t>();
-    at::parallel_for(0, g.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) bl_grads(gp[i], e[i], s[i], gv + i, ge + i);
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* e = eps.const_data_ptr<scalar_t>();
+    const scalar_t* s = std.const_data_ptr<scalar_t>();
+    scalar_t* gv = grad_var.data_ptr<scalar_t>();
+    scalar_t* ge = grad_eps.defined() ? grad_eps.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, g.numel(), kGrain, [&](int64_t i0, int64_t i1) {
+      bl_grads_flat(gp, e, s, gv, ge, i0, i1);
     });
   });
 }

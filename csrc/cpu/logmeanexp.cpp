@@ -16,18 +16,7 @@
 #include <cstdint>
 
 #include "../logmeanexp.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define IWAE_SIMD_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define IWAE_SIMD_CLONES
-#endif
-#if defined(__GNUC__)
-#define IWAE_INLINE inline __attribute__((always_inline))
-#else
-#define IWAE_INLINE inline
-#endif
+#include "simd.h"
 
 namespace iwae_ext {
 namespace {

@@ -19,19 +19,26 @@ constexpr int kThreads = 256;
 
 template <typename T>
 __global__ void combine_kernel(T* __restrict__ out, T* __restrict__ std, const T* __restrict__ eps,
-                               int64_t n) {
+                               const T* __restrict__ bias_mu, const T* __restrict__ sigma2_b,
+                               int64_t cols, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    bl_combine(out[i], std[i], eps[i], out + i, std + i);
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = i % cols;
+    bl_combine(out[i], bias_mu[c], std[i], sigma2_b[c], eps[i], out + i, std + i);
+  }
 }
 
+// grad_eps == nullptr: eps needs no gradient, only d/d var is written.
 template <typename T>
 __global__ void grads_kernel(const T* __restrict__ g, const T* __restrict__ eps,
                              const T* __restrict__ std, T* __restrict__ grad_var,
                              T* __restrict__ grad_eps, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    bl_grads(g[i], eps[i], std[i], grad_var + i, grad_eps + i);
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const T gi = g[i], si = std[i];
+    grad_var[i] = bl_grad_var(gi, eps[i], si);
+    if (grad_eps != nullptr) grad_eps[i] = gi * si;
+  }
 }
 
 unsigned blocks_for(int64_t n) {
@@ -43,13 +50,15 @@ void check_cuda(const at::Tensor& t, const char* op) {
               ": the CUDA kernel takes float32 or float64, got ", t.scalar_type());
 }
 
-void combine_cuda(at::Tensor& mean_out, at::Tensor& var_std, const at::Tensor& eps) {
-  const int64_t n = mean_out.numel();
+void combine_cuda(at::Tensor& xw_out, at::Tensor& xxs_std, const at::Tensor& bias_mu,
+                  const at::Tensor& sigma2_b, const at::Tensor& eps) {
+  const int64_t n = xw_out.numel();
   if (n == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(mean_out.scalar_type(), "bayes_linear", [&] {
+  AT_DISPATCH_FLOATING_TYPES(xw_out.scalar_type(), "bayes_linear", [&] {
     combine_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-        mean_out.data_ptr<scalar_t>(), var_std.data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>(), n);
+        xw_out.data_ptr<scalar_t>(), xxs_std.data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>(),
+        bias_mu.const_data_ptr<scalar_t>(), sigma2_b.const_data_ptr<scalar_t>(), xw_out.size(-1), n);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -62,7 +71,7 @@ void grads_cuda(const at::Tensor& g, const at::Tensor& eps, const at::Tensor& st
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "bayes_linear_backward", [&] {
     grads_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>(), std.const_data_ptr<scalar_t>(),
-        grad_var.data_ptr<scalar_t>(), grad_eps.data_ptr<scalar_t>(), n);
+        grad_var.data_ptr<scalar_t>(), grad_eps.defined() ? grad_eps.data_ptr<scalar_t>() : nullptr, n);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
