@@ -11,8 +11,9 @@ parameter with a fixed grad_out:
             weights "per data point and per importance sample" costs without the local
             reparameterization.
 The op and the twin are checked equal on the same eps first (naive is equal in distribution
-only, which tests/test_bayes_linear.py checks). Time: median of >= 20 timed blocks
-(torch.utils.benchmark). Peak memory: on CUDA torch.cuda.max_memory_allocated; on the CPU the
+only, which tests/test_bayes_linear.py checks). Time: the op and the eager twin in 21 interleaved
+rounds (one timed block of each per round, the order rotating), speedup = the median of the
+per-round ratios, with their range; naive: median of >= 5 blocks (torch.utils.benchmark). Peak memory: on CUDA torch.cuda.max_memory_allocated; on the CPU the
 growth of the peak resident set (VmHWM over VmRSS with the inputs made) of a fresh
 subprocess that runs the variant once. A naive case
 whose weights would not fit in memory is reported as such. On CUDA the two cuBLAS matmuls of the
@@ -27,7 +28,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, measure, save  # noqa: E402
+from common import device_name, measure, measure_interleaved, median, save  # noqa: E402
 
 import iwae_ext  # noqa: E402
 from iwae_ext.ops import bayes_linear, reference  # noqa: E402
@@ -98,6 +99,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rows", type=int, nargs="+", default=[2500, 100000])
+    p.add_argument("--rounds", type=int, default=21, help="interleaved rounds of op vs eager (default 21)")
     p.add_argument("--out")
     p.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -114,16 +116,26 @@ def main():
             for a, b in zip(step("iwae_ext", x, params, eps, g), step("eager", x, params, eps, g)):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
             case = {"rows": m, "in": n_in, "out": n_out}
+            # the op and its eager twin: paired, interleaved rounds (their difference is a few
+            # percent on a CPU, the size of a shared machine's drift between two sequential runs)
+            fns = {v: (lambda v=v: step(v, x, params, eps, g)) for v in ("iwae_ext", "eager")}
+            times = measure_interleaved(fns, device, rounds=args.rounds)
+            for variant in ("iwae_ext", "eager"):
+                case[f"{variant}_s"] = median(times[variant])
+            case["speedup_vs_eager"] = median([e / o for e, o in zip(times["eager"], times["iwae_ext"])])
+            case["speedup_vs_eager_range"] = [min(e / o for e, o in zip(times["eager"], times["iwae_ext"])),
+                                              max(e / o for e, o in zip(times["eager"], times["iwae_ext"]))]
             for variant in VARIANTS:
-                if variant == "naive" and naive_bytes(m, n_in, n_out) > 0.8 * available_bytes(device):
-                    case["naive_s"] = None
-                    case["naive_note"] = (f"does not fit: needs about {naive_bytes(m, n_in, n_out) / 2**30:.0f} GiB "
-                                          f"for the per-row weights, {available_bytes(device) / 2**30:.0f} GiB available")
-                    continue
+                if variant == "naive":
+                    if naive_bytes(m, n_in, n_out) > 0.8 * available_bytes(device):
+                        case["naive_s"] = None
+                        case["naive_note"] = (f"does not fit: needs about {naive_bytes(m, n_in, n_out) / 2**30:.0f} GiB "
+                                              f"for the per-row weights, {available_bytes(device) / 2**30:.0f} GiB available")
+                        continue
+                    fn = lambda: step("naive", x, params, eps, g)  # noqa: E731
+                    case["naive_s"] = measure(fn, device, "bayes_linear", f"M={m} ({n_in}, {n_out}) fwd+bwd",
+                                              "naive", min_runs=5, block_seconds=0.05).median
                 fn = lambda v=variant: step(v, x, params, eps, g)  # noqa: E731
-                t = measure(fn, device, "bayes_linear", f"M={m} ({n_in}, {n_out}) fwd+bwd", variant,
-                            min_runs=20 if variant != "naive" else 5, block_seconds=0.05)
-                case[f"{variant}_s"] = t.median
                 if device == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -142,7 +154,6 @@ def main():
                 case["cublas_matmuls_s"] = measure(matmuls, device, "bayes_linear", f"M={m} ({n_in}, {n_out})",
                                                    "matmuls").median
                 case["vs_matmuls"] = case["iwae_ext_s"] / case["cublas_matmuls_s"]
-            case["speedup_vs_eager"] = case["eager_s"] / case["iwae_ext_s"]
             if case.get("naive_s"):
                 case["speedup_vs_naive"] = case["naive_s"] / case["iwae_ext_s"]
             results.append(case)

@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import re
+import time
 
 import torch
 from torch.utils import benchmark
@@ -51,6 +52,41 @@ def measure(fn, device: str, label: str, sub_label: str, description: str,
     number = max(1, int(block_seconds / max(once, 1e-7)))
     runs = [timer.timeit(number) for _ in range(min_runs)]
     return benchmark.Measurement.merge(runs)[0]
+
+
+def measure_interleaved(fns: dict, device: str, rounds: int = 21, block_seconds: float = 0.05) -> dict:
+    """Paired timing of several variants on a shared, noisy machine: each of ``rounds`` rounds
+    times every variant for one block (the order rotating between rounds), so slow phases of the
+    machine hit all variants alike. Returns {name: [seconds per call, one per round]}; compare
+    variants by the median of their per-round ratios."""
+    for fn in fns.values():  # warm-up
+        for _ in range(3):
+            fn()
+    synchronize(device)
+    number = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        number[name] = max(1, int(block_seconds / max(time.perf_counter() - t0, 1e-7)))
+    names = list(fns)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, n = fns[name], number[name]
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            synchronize(device)
+            times[name].append((time.perf_counter() - t0) / n)
+    return times
+
+
+def median(values):
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
 def save(payload: dict, device: str, name: str, out: str | None) -> str:
