@@ -155,12 +155,72 @@ std::tuple<at::Tensor, at::Tensor> bayes_linear_autograd(const at::Tensor& x, co
   return {outs[0], outs[1]};
 }
 
+std::tuple<at::Tensor, at::Tensor> call_hmc_leapfrog(const at::Tensor& z, const at::Tensor& p,
+                                                     const at::Tensor& grad_u,
+                                                     const at::Tensor& step_size, double kick,
+                                                     bool drift) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("iwae_ext::hmc_leapfrog", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, double, bool)>();
+  return op.call(z, p, grad_u, step_size, kick, drift);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_hmc_leapfrog_backward(
+    const at::Tensor& grad_z, const at::Tensor& grad_p, const at::Tensor& p_out,
+    const at::Tensor& grad_u, const at::Tensor& step_size, double kick, bool drift) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("iwae_ext::hmc_leapfrog_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, double, bool)>();
+  return op.call(grad_z, grad_p, p_out, grad_u, step_size, kick, drift);
+}
+
+// Differentiable, so a trajectory can be backpropagated through (grad_u computed with
+// create_graph=True carries the dependence on the earlier positions).
+class HmcLeapfrog : public torch::autograd::Function<HmcLeapfrog> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& z, const at::Tensor& p,
+                               const at::Tensor& grad_u, const at::Tensor& step_size,
+                               double kick, bool drift) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [z_out, p_out] = call_hmc_leapfrog(z, p, grad_u, step_size, kick, drift);
+    ctx->save_for_backward({p_out, grad_u, step_size});
+    ctx->saved_data["kick"] = kick;
+    ctx->saved_data["drift"] = drift;
+    return {z_out, p_out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "hmc_leapfrog: double backward (create_graph=True) is not implemented");
+    const auto s = ctx->get_saved_variables();
+    auto [dz, dp, dg, ds] =
+        call_hmc_leapfrog_backward(grads[0], grads[1], s[0], s[1], s[2],
+                                   ctx->saved_data["kick"].toDouble(),
+                                   ctx->saved_data["drift"].toBool());
+    return {dz, dp, dg, ds, at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> hmc_leapfrog_autograd(const at::Tensor& z, const at::Tensor& p,
+                                                         const at::Tensor& grad_u,
+                                                         const at::Tensor& step_size, double kick,
+                                                         bool drift) {
+  auto outs = HmcLeapfrog::apply(z, p, grad_u, step_size, kick, drift);
+  return {outs[0], outs[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(iwae_ext, Autograd, m) {
   m.impl("logmeanexp", &logmeanexp_autograd);
   m.impl("logmeanexp_backward", &logmeanexp_backward_autograd);
   m.impl("bayes_linear", &bayes_linear_autograd);
+  m.impl("hmc_leapfrog", &hmc_leapfrog_autograd);
 }
 
 }  // namespace iwae_ext

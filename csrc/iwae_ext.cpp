@@ -105,6 +105,17 @@ TORCH_LIBRARY(iwae_ext, m) {
   m.def("bayes_linear_backward(Tensor grad_out, Tensor x, Tensor weight_mu, Tensor weight_rho, "
         "Tensor bias_rho, Tensor eps, Tensor std, bool[6] output_mask) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Batched HMC (csrc/hmc.h). One kick-drift of the leapfrog integrator -> (z', p').
+  m.def("hmc_leapfrog(Tensor z, Tensor p, Tensor grad_u, Tensor step_size, float kick, "
+        "bool drift) -> (Tensor, Tensor)");
+  // -> gradients for (z, p, grad_u, step_size)
+  m.def("hmc_leapfrog_backward(Tensor grad_z, Tensor grad_p, Tensor p_out, Tensor grad_u, "
+        "Tensor step_size, float kick, bool drift) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Metropolis-Hastings test and step-size adaptation -> (z, u, accepted, step_size, accept_avg)
+  m.def("hmc_accept(Tensor z0, Tensor z1, Tensor p0, Tensor p1, Tensor u0, Tensor u1, "
+        "Tensor log_uniform, Tensor step_size, Tensor accept_avg, float target_accept, "
+        "float decay, float inc, float dec, float min_step, float max_step, bool adapt) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // iwae_ext._C: importing it loads this library (and so registers the ops); its attributes

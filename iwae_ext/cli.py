@@ -35,9 +35,10 @@ def train_parser() -> argparse.ArgumentParser:
                     "With no flags: IWAE k=5, 784-200-200-50 tanh, 30 epochs on the bundled "
                     "binarized MNIST, test L_5000.")
     a = p.add_argument
-    a("--model", choices=["vae", "iwae", "iwaer", "iwaer_rec"], default=S,
+    a("--model", choices=["vae", "iwae", "iwaer", "iwaer_rec", "aiwae"], default=S,
       help=f"VAE (ELBO), IWAE (IWAE bound), IWAER / IWAER_rec (random decoder and encoder weights / "
-           f"random encoder weights, paper 000) (default {d.model})")
+           f"random encoder weights, paper 000), AIWAE (annealed importance weights, paper 004) "
+           f"(default {d.model})")
     a("--k", type=int, default=S, help=f"importance samples per data point (default {d.k})")
     a("--layers", type=int, choices=[1, 2], default=S, help="stochastic layers (default 1)")
     a("--hidden", type=_hidden, default=S,
@@ -65,6 +66,13 @@ def train_parser() -> argparse.ArgumentParser:
       help="random weights: N(0, s^2) prior with KL/N per minibatch (default: none, as paper 000)")
     a("--rho-init", type=float, dest="rho_init", default=S,
       help=f"random weights: initial rho, sigma = softplus(rho) (default {d.rho_init})")
+    a("--temps", type=int, default=S,
+      help=f"aiwae: inverse temperatures T, beta_t = t/(T-1) (default {d.temps})")
+    a("--leapfrog", type=int, default=S, help=f"aiwae: leapfrog steps per HMC transition (default {d.leapfrog})")
+    a("--target-accept", type=float, dest="target_accept", default=S,
+      help=f"aiwae: acceptance the per-temperature step sizes adapt toward (default {d.target_accept})")
+    a("--hmc-step-size", type=float, dest="hmc_step_size", default=S,
+      help=f"aiwae: initial leapfrog step size (default {d.hmc_step_size})")
     a("--init-from", dest="init_from", default=S,
       help="start from a trained run of the same architecture (for iwaer/iwaer_rec: a deterministic "
            "run's weights become the means of the random weights)")
@@ -141,6 +149,17 @@ def eval_main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-point", metavar="PATH", help="also save per-data-point L_k and ELBO (.pt)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    g = p.add_argument_group("AIS (Wu et al. 2017; paper 004's evaluation)")
+    g.add_argument("--ais", action="store_true",
+                   help="also estimate log p(x) by AIS and report the AIS NLL and the variational gap "
+                        "(AIS log-likelihood - L_k)")
+    g.add_argument("--ais-chains", type=int, default=16, help="chains per data point (default 16)")
+    g.add_argument("--ais-temps", type=int, default=10000, help="inverse temperatures (default 10000)")
+    g.add_argument("--ais-leapfrog", type=int, default=10, help="leapfrog steps per transition (default 10)")
+    g.add_argument("--ais-schedule", choices=["sigmoid", "linear"], default="sigmoid",
+                   help="sigmoid (Wu et al.) or linear (paper 004) (default sigmoid)")
+    g.add_argument("--ais-init", choices=["posterior", "prior"], default="posterior",
+                   help="start the chains from q(z|x) or p(z) (default posterior)")
     args = p.parse_args(argv)
     try:
         model, ckpt = load_checkpoint(args.checkpoint, map_location=args.device, with_state=True)
@@ -163,8 +182,35 @@ def eval_main(argv=None) -> int:
         "active_units": units["active"],
         "reconstruction_error": float(evaluate.reconstruction_error(model, x).mean()),
     }
+    per_point = {"log_likelihood": b.log_likelihood, "elbo": b.elbo}
+    if args.ais:
+        try:
+            a = evaluate.ais_log_likelihood(
+                model, x, args.ais_chains, args.ais_temps, args.ais_leapfrog, args.ais_schedule,
+                args.ais_init, batch_size=args.batch_size, progress=args.progress,
+                generator=torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed),
+                return_details=True)
+        except ValueError as e:
+            print(f"iwae-eval: error: {e}", file=sys.stderr)
+            return 2
+        gap = a.log_likelihood - b.log_likelihood
+        result.update({
+            "ais_log_likelihood": float(a.log_likelihood.mean()),
+            "ais_nll": -float(a.log_likelihood.mean()),
+            "ais_log_likelihood_stderr": (float(a.log_likelihood.std() / math.sqrt(x.shape[0]))
+                                          if x.shape[0] > 1 else None),
+            "nvlb": -result["log_likelihood"],
+            "variational_gap": float(gap.mean()),
+            "variational_gap_stderr": float(gap.std() / math.sqrt(x.shape[0])) if x.shape[0] > 1 else None,
+            "ais": {"chains": args.ais_chains, "temps": args.ais_temps, "leapfrog": args.ais_leapfrog,
+                    "schedule": args.ais_schedule, "init": args.ais_init,
+                    "acceptance_rate": float(a.acceptance_rate.mean()),
+                    "step_size": float(a.step_size.mean())},
+        })
+        per_point["ais_log_likelihood"] = a.log_likelihood
+        per_point["ais_log_weights"] = a.log_weights
     if args.per_point:
-        torch.save({"log_likelihood": b.log_likelihood, "elbo": b.elbo}, args.per_point)
+        torch.save(per_point, args.per_point)
     print(json.dumps(result, indent=1))
     return 0
 

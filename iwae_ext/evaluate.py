@@ -16,7 +16,8 @@ from torch import Tensor
 from .ops import logmeanexp
 
 __all__ = ["Bounds", "iwae_log_likelihood", "bounds", "elbo", "active_units",
-           "reconstruction_error", "ACTIVE_UNIT_THRESHOLD"]
+           "reconstruction_error", "ACTIVE_UNIT_THRESHOLD", "ais_log_likelihood", "AISEstimate",
+           "bdmc", "BDMCResult", "simulate", "log_mean_exp_stderr"]
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active if Cov_x(E_q[u]) > 0.01
 
@@ -124,3 +125,150 @@ def reconstruction_error(model, x: Tensor, batch_size: int = 1000) -> Tensor:
             z = torch.cat([z1, q.layer2(z1)[0]], -1)
         out.append(-model.log_likelihood(xb, z.unsqueeze(0))[0].double().cpu())
     return torch.cat(out)
+
+
+SCHEDULES = ("sigmoid", "linear")
+
+
+@dataclass
+class AISEstimate:
+    """AIS log-likelihood per data point with the sampler's diagnostics."""
+
+    log_likelihood: Tensor     # [N] float64, log-mean-exp of each point's chains' weights
+    log_weights: Tensor        # [S, N] float64, every chain's log weight
+    acceptance_rate: Tensor    # [N] mean over the point's chains
+    step_size: Tensor          # [N] mean final step size over the point's chains
+
+    @property
+    def stderr(self) -> Tensor:
+        """[N] standard error of each point's estimate over its chains (delta method)."""
+        return log_mean_exp_stderr(self.log_weights)
+
+
+def _schedule(schedule: str, num_temps: int) -> Tensor:
+    from .samplers import linear_schedule, sigmoid_schedule
+    from ._checks import check_choice
+    check_choice("schedule", schedule, SCHEDULES, "ais_log_likelihood")
+    return sigmoid_schedule(num_temps) if schedule == "sigmoid" else linear_schedule(num_temps)
+
+
+def ais_log_likelihood(model, x: Tensor, num_chains: int = 16, num_temps: int = 10000,
+                       num_leapfrog: int = 10, schedule: str = "sigmoid", init: str = "posterior",
+                       step_size: float = 0.05, target_accept: float = 0.65, batch_size: int = 100,
+                       fast_grad: bool = True, generator: torch.Generator | None = None,
+                       progress: bool = False, return_details: bool = False):
+    """log p(x) per data point [N] (float64) by annealed importance sampling (Wu et al. 2017).
+
+    ``num_chains`` independent AIS chains per point from q(z|x) (``init="posterior"``) or p(z)
+    (``init="prior"``) to p(x, z), ``num_temps`` inverse temperatures (``schedule`` "sigmoid",
+    Wu et al.'s, or "linear"), one HMC transition of ``num_leapfrog`` steps per temperature with
+    per-chain step sizes adapted toward ``target_accept``. The estimate is the log-mean-exp of the
+    chains' weights: a stochastic lower bound of log p(x) that tightens as num_temps grows.
+    ``return_details``: an :class:`AISEstimate` with every chain's weight and the diagnostics.
+    """
+    from .samplers import ais, model_ais_densities
+    _check(x, 1, batch_size)
+    betas = _schedule(schedule, num_temps)
+    p = _param(model)
+    was_training = model.training
+    model.eval()
+    rows, weights, rates, steps = [], [], [], []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=x.shape[0], desc=f"AIS T={num_temps}", unit="image", leave=False)
+    try:
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start:start + batch_size].to(device=p.device, dtype=p.dtype)
+            b = xb.shape[0]
+            dens = model_ais_densities(model, xb, num_chains, init, fast_grad, generator)
+            res = ais(None, None, dens.z0, betas, num_leapfrog, step_size, target_accept,
+                      grad_fn=dens.grad_fn, generator=generator)
+            rows.append(res.log_normalizer(b).cpu())
+            weights.append(res.log_weights.view(num_chains, b).cpu())
+            rates.append(res.acceptance_rate.view(num_chains, b).mean(0).cpu())
+            steps.append(res.step_size.double().view(num_chains, b).mean(0).cpu())
+            if bar is not None:
+                bar.update(b)
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    ll = torch.cat(rows)
+    if not return_details:
+        return ll
+    return AISEstimate(ll, torch.cat(weights, 1), torch.cat(rates), torch.cat(steps))
+
+
+@dataclass
+class BDMCResult:
+    """Bidirectional Monte Carlo on data simulated from the model (Grosse et al. 2015; Wu et al.
+    2017): ``lower`` (forward AIS) and ``upper`` (reverse AIS from the exact posterior sample that
+    generated each point) sandwich the true log p(x) of the simulated ``x``, per point [N]."""
+
+    x: Tensor
+    z: Tensor
+    lower: Tensor
+    upper: Tensor
+    lower_stderr: Tensor  # [N] delta-method standard errors of the two log-mean-exps over chains
+    upper_stderr: Tensor
+
+    @property
+    def gap(self) -> Tensor:
+        """upper - lower per point: how far AIS with this schedule may be from log p(x)."""
+        return self.upper - self.lower
+
+
+@torch.no_grad()
+def simulate(model, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """(x, z) with z ~ p(z), x ~ p(x|z): n exact joint draws ([n, D], [n, Z]); one stochastic layer."""
+    if len(model.latent_dims) != 1:
+        raise ValueError("simulate: one stochastic layer only")
+    p = _param(model)
+    z = torch.randn(n, model.latent_dim, dtype=p.dtype, device=p.device, generator=generator)
+    return model.decoder.sample(model.decoder(z), generator), z
+
+
+def bdmc(model, num_points: int = 100, num_chains: int = 16, num_temps: int = 10000,
+         num_leapfrog: int = 10, schedule: str = "sigmoid", step_size: float = 0.05,
+         target_accept: float = 0.65, batch_size: int = 100, fast_grad: bool = True,
+         generator: torch.Generator | None = None) -> BDMCResult:
+    """Sandwich log p(x) on ``num_points`` points simulated from the model (one stochastic layer).
+
+    Forward AIS (q(z|x) -> p(x, z)) gives a stochastic lower bound; reverse AIS (p(z|x) -> q(z|x),
+    starting every chain at the z that generated x, an exact posterior sample) estimates 1/p(x)
+    without bias, so minus its log-mean-exp is a stochastic upper bound.
+    """
+    from .samplers import ais, model_ais_densities
+    x, z = simulate(model, num_points, generator)
+    fwd = ais_log_likelihood(model, x, num_chains, num_temps, num_leapfrog, schedule, "posterior",
+                             step_size, target_accept, batch_size, fast_grad, generator, return_details=True)
+    betas = _schedule(schedule, num_temps)
+    upper, reverse_weights = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, num_points, batch_size):
+            xb, zb = x[start:start + batch_size], z[start:start + batch_size]
+            b = xb.shape[0]
+            dens = model_ais_densities(model, xb, num_chains, "posterior", fast_grad, generator)
+
+            def reverse(zz, f=dens.grad_fn):
+                li, lt, gi, gt = f(zz)
+                return lt, li, gt, gi  # the target is the start, q(z|x) the end
+
+            res = ais(None, None, zb.repeat(num_chains, 1), betas, num_leapfrog, step_size,
+                      target_accept, grad_fn=reverse, generator=generator)
+            upper.append(-res.log_normalizer(b).cpu())
+            reverse_weights.append(res.log_weights.view(num_chains, b).cpu())
+    finally:
+        model.train(was_training)
+    return BDMCResult(x.cpu(), z.cpu(), fwd.log_likelihood, torch.cat(upper),
+                      log_mean_exp_stderr(fwd.log_weights), log_mean_exp_stderr(torch.cat(reverse_weights, 1)))
+
+
+def log_mean_exp_stderr(log_w: Tensor, dim: int = 0) -> Tensor:
+    """Standard error of log((1/S) sum_s w_s) from the S log-weights along ``dim`` (delta method:
+    std(w) / (sqrt(S) mean(w)), computed stably)."""
+    w = torch.exp(log_w - log_w.amax(dim, keepdim=True))
+    return w.std(dim) / (math.sqrt(log_w.shape[dim]) * w.mean(dim))

@@ -26,8 +26,8 @@ OBJECTIVES = ("iwae", "elbo")
 ESTIMATORS = ("standard", "stl", "dreg")
 KL_ESTIMATORS = ("mc", "analytic")
 
-__all__ = ["iwae_bound", "elbo", "elbo_analytic", "normalized_weights", "objective",
-           "OBJECTIVES", "ESTIMATORS", "KL_ESTIMATORS"]
+__all__ = ["iwae_bound", "elbo", "elbo_analytic", "normalized_weights", "objective", "aiwae_step",
+           "AIWAEStep", "OBJECTIVES", "ESTIMATORS", "KL_ESTIMATORS"]
 
 
 def iwae_bound(log_w: Tensor, dim: int = 0, fused: bool = True) -> Tensor:
@@ -87,3 +87,44 @@ def objective(model, x: Tensor, k: int, objective: str = "iwae", estimator: str 
         w = normalized_weights(log_w).unsqueeze(-1)
         z.register_hook(lambda grad: grad * w)
     return iwae_bound(log_w, fused=fused) if objective == "iwae" else elbo(log_w)
+
+
+class AIWAEStep:
+    """The two losses of one AIWAE step (paper 004, Algorithm 1) for a minibatch.
+
+    ``decoder_loss``: -(1/B) sum_b sum_k w~_bk log p(x_b, z_bk) with z_bk the final states of K
+    AIS chains from q(z|x) to p(x, z) and w~ their normalised annealed weights, both held fixed:
+    its gradient in theta is the AIS estimate of -grad log p(x). No graph through the HMC
+    transitions, so memory does not grow with T or L.
+    ``encoder_loss``: -ELBO (one reparameterised sample), for the encoder's parameters only.
+    ``bound``: [B] the AIS estimate log (1/K) sum_k w_k (a stochastic lower bound of log p(x)).
+    ``acceptance``: [T-1] mean acceptance per temperature.
+    """
+
+    def __init__(self, decoder_loss: Tensor, encoder_loss: Tensor, bound: Tensor, acceptance: Tensor):
+        self.decoder_loss, self.encoder_loss = decoder_loss, encoder_loss
+        self.bound, self.acceptance = bound, acceptance
+
+
+def aiwae_step(model, x: Tensor, k: int, betas: Tensor, num_leapfrog: int, step_sizes: Tensor,
+               generator: torch.Generator | None = None) -> AIWAEStep:
+    """AIWAE's losses for ``model`` (one stochastic layer, deterministic weights) on x [B, D]:
+    K = ``k`` chains per point, inverse temperatures ``betas`` (beta_t = t / (T - 1) in the
+    paper), ``num_leapfrog`` leapfrog steps per HMC transition with the per-temperature
+    ``step_sizes`` [T-1] (the caller adapts them between steps toward an acceptance of 0.6)."""
+    from .samplers import ais, model_ais_densities
+    if len(model.latent_dims) != 1 or model.random_weights != "none":
+        raise ValueError("AIWAE: needs one stochastic layer and deterministic weights")
+    b = x.shape[0]
+    with torch.no_grad():
+        dens = model_ais_densities(model, x, k, "posterior", True, generator)
+        res = ais(None, None, dens.z0, betas, num_leapfrog, grad_fn=dens.grad_fn, generator=generator,
+                  temperature_step_sizes=step_sizes)
+        log_w = res.log_weights.view(k, b)
+        w = torch.softmax(log_w, 0).to(x.dtype)
+        bound = logmeanexp(log_w, 0)
+    z = res.z.view(k, b, -1)
+    log_p = model.log_joint(x, z)  # [K, B]; z is data here (no gradient)
+    decoder_loss = -(w * log_p).sum(0).mean()
+    encoder_loss = -objective(model, x, 1, "elbo").mean()
+    return AIWAEStep(decoder_loss, encoder_loss, bound, res.acceptance_per_temperature)

@@ -5,9 +5,12 @@ autograd, and a pure-PyTorch twin in :mod:`iwae_ext.ops.reference`.
 """
 from . import reference
 from ._bayes_linear import bayes_linear
+from ._hmc import AcceptResult, hmc_accept, hmc_leapfrog
 from ._logmeanexp import logmeanexp, logmeanexp_backward
 
 # Every operator of the library, as named in torch.ops.iwae_ext.
-OP_NAMES = ("logmeanexp", "logmeanexp_backward", "bayes_linear", "bayes_linear_backward")
+OP_NAMES = ("logmeanexp", "logmeanexp_backward", "bayes_linear", "bayes_linear_backward", "hmc_leapfrog",
+            "hmc_leapfrog_backward", "hmc_accept")
 
-__all__ = ["logmeanexp", "logmeanexp_backward", "bayes_linear", "reference", "OP_NAMES"]
+__all__ = ["logmeanexp", "logmeanexp_backward", "bayes_linear", "hmc_leapfrog", "hmc_accept", "AcceptResult",
+           "reference", "OP_NAMES"]

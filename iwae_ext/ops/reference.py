@@ -41,3 +41,34 @@ def bayes_linear_per_row_weights(x: Tensor, weight_mu: Tensor, weight_rho: Tenso
         m, *bias_mu.shape, dtype=x.dtype, device=x.device, generator=generator)
     y = torch.bmm(w, rows.unsqueeze(-1)).squeeze(-1) + b
     return y.reshape(*x.shape[:-1], weight_mu.shape[0])
+
+
+def hmc_leapfrog(z: Tensor, p: Tensor, grad_u: Tensor, step_size: Tensor, kick: float = 1.0,
+                 drift: bool = True) -> tuple[Tensor, Tensor]:
+    """p' = p - kick * eps * grad_u; z' = z + eps * p' (if drift); z, p, grad_u [C, D], eps [C]."""
+    e = step_size.unsqueeze(-1)
+    p_out = p - kick * e * grad_u
+    return (z + e * p_out if drift else z.clone()), p_out
+
+
+def hmc_accept(z0: Tensor, z1: Tensor, p0: Tensor, p1: Tensor, u0: Tensor, u1: Tensor,
+               log_uniform: Tensor, step_size: Tensor, accept_avg: Tensor, target_accept: float = 0.65,
+               decay: float = 0.9, inc: float = 1.02, dec: float = 0.98, min_step: float = 1e-4,
+               max_step: float = 1.0, adapt: bool = True):
+    """Metropolis-Hastings with H = U + |p|^2/2 and step-size adaptation; see iwae_ext.ops.hmc_accept.
+
+    Returns (z, u, accepted, step_size, accept_avg); sums and decisions in float64."""
+    d = lambda t: t.double()  # noqa: E731
+    h0 = d(u0) + 0.5 * d(p0).square().sum(-1)
+    h1 = d(u1) + 0.5 * d(p1).square().sum(-1)
+    diff = h0 - h1
+    finite = torch.isfinite(h1) & ~torch.isnan(diff)
+    a = torch.where(finite, torch.exp(diff.clamp(max=0.0)), torch.zeros_like(diff))
+    accepted = finite & (d(log_uniform) < diff)
+    avg = decay * d(accept_avg) + (1 - decay) * a
+    step = d(step_size)
+    if adapt:
+        step = torch.where(avg > target_accept, step * inc, step * dec).clamp(min_step, max_step)
+    z = torch.where(accepted.unsqueeze(-1), z1, z0)
+    u = torch.where(accepted, u1, u0)
+    return z, u, accepted, step.to(step_size.dtype), avg.to(accept_avg.dtype)

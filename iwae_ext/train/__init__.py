@@ -28,16 +28,18 @@ from .. import evaluate
 from .._checks import check_choice
 from ..data import DATASETS, Dataset, load_dataset
 from ..models import VAE
-from ..objectives import ESTIMATORS, KL_ESTIMATORS, objective
+from ..objectives import ESTIMATORS, KL_ESTIMATORS, aiwae_step, objective
 
 __all__ = ["TrainConfig", "train", "load_checkpoint", "NonFiniteLossError", "burda_schedule",
            "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "iwae_ext.checkpoint/1"
-MODELS = ("vae", "iwae", "iwaer", "iwaer_rec")
+MODELS = ("vae", "iwae", "iwaer", "iwaer_rec", "aiwae")
 # model -> (objective, random weights)
 _MODEL_KIND = {"vae": ("elbo", "none"), "iwae": ("iwae", "none"), "iwaer": ("iwae", "all"),
-               "iwaer_rec": ("iwae", "encoder")}
+               "iwaer_rec": ("iwae", "encoder"), "aiwae": ("aiwae", "none")}
+# AIWAE: per-temperature step sizes move by these factors toward target_accept after each step
+AIWAE_STEP_INC, AIWAE_STEP_DEC, AIWAE_STEP_MIN, AIWAE_STEP_MAX = 1.02, 0.98, 1e-4, 1.0
 # TrainConfig fields that a resumed run may change (the rest define the run).
 RESUMABLE = ("epochs", "device", "progress", "eval_k", "eval_batch_size", "train_eval_size",
              "data_dir", "download")
@@ -53,7 +55,7 @@ class TrainConfig:
     """Everything that defines a run. Defaults: IWAE k = 5, 784-200-200-50 tanh, bundled
     binarized MNIST, batch 100, 30 epochs at lr 1e-3, L_5000 on the test split."""
 
-    model: str = "iwae"  # "vae" (ELBO), "iwae" (IWAE bound L_k), "iwaer" / "iwaer_rec" (paper 000)
+    model: str = "iwae"  # "vae" (ELBO), "iwae" (IWAE bound L_k), "iwaer" / "iwaer_rec" (paper 000), "aiwae" (paper 004)
     k: int = 5  # importance samples per data point in training
     layers: int = 1  # stochastic layers
     hidden: list | None = None  # per layer, e.g. [[200, 200]] (one layer) or [[200, 200], [100, 100]]
@@ -71,6 +73,10 @@ class TrainConfig:
     kl: str | None = None  # "mc" or "analytic"; default analytic for a one-layer VAE, else mc
     prior_std: float | None = None  # random weights: N(0, s^2) prior, KL/N per minibatch
     rho_init: float = -5.0  # random weights: initial rho, sigma = softplus(rho)
+    temps: int = 5  # AIWAE: inverse temperatures T, beta_t = t / (T - 1)
+    leapfrog: int = 5  # AIWAE: leapfrog steps per HMC transition
+    target_accept: float = 0.6  # AIWAE: acceptance the per-temperature step sizes adapt toward
+    hmc_step_size: float = 0.1  # AIWAE: initial step size of every temperature
     init_from: str | None = None  # a run / checkpoint of the same architecture to start from
     eval_k: int | None = None  # default 5000; 2000 for iwaer / iwaer_rec (paper 000)
     eval_batch_size: int = 100
@@ -134,6 +140,20 @@ class TrainConfig:
         if c.prior_std is not None and (c.model not in ("iwaer", "iwaer_rec") or not c.prior_std > 0):
             raise ValueError(f"prior_std needs a model with random weights (iwaer, iwaer_rec) and a "
                              f"positive value, got model {c.model!r}, prior_std {c.prior_std!r}")
+        if c.model == "aiwae":
+            if c.layers != 1:
+                raise ValueError("model 'aiwae' needs layers=1 (the hand-written HMC gradient)")
+            if c.estimator != "standard":
+                raise ValueError("model 'aiwae' trains its encoder on the ELBO with the standard "
+                                 f"estimator; got estimator {c.estimator!r}")
+        for name in ("temps", "leapfrog"):
+            v = getattr(c, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (2 if name == "temps" else 1):
+                raise ValueError(f"{name} must be an integer >= {2 if name == 'temps' else 1}, got {v!r}")
+        if not 0 < c.target_accept < 1:
+            raise ValueError(f"target_accept must be in (0, 1), got {c.target_accept!r}")
+        if not (math.isfinite(c.hmc_step_size) and AIWAE_STEP_MIN <= c.hmc_step_size <= AIWAE_STEP_MAX):
+            raise ValueError(f"hmc_step_size must be in [{AIWAE_STEP_MIN}, {AIWAE_STEP_MAX}], got {c.hmc_step_size!r}")
         if not math.isfinite(c.rho_init):
             raise ValueError(f"rho_init must be finite, got {c.rho_init!r}")
         return c
@@ -321,6 +341,14 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
     objective_name = _MODEL_KIND[config.model][0]
 
     epoch, step, perm, sums, history, train_seconds = 0, 0, None, [0.0, 0], [], 0.0
+    aiwae = config.model == "aiwae"
+    if aiwae:
+        from ..samplers import linear_schedule
+        betas = linear_schedule(config.temps)
+        hmc_steps = torch.full((config.temps - 1,), config.hmc_step_size, dtype=torch.float64, device=device)
+        accept_sum = torch.zeros(config.temps - 1, dtype=torch.float64, device=device)
+        enc_params = list(model.encoders.parameters())
+        dec_params = [p for p in model.parameters() if all(p is not q for q in enc_params)]
     if ckpt is not None:
         model.load_state_dict(ckpt["model_state"])
         opt.load_state_dict(ckpt["optimizer_state"])
@@ -329,6 +357,9 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
         sums, train_seconds = [st["bound_sum"], st["bound_count"]], st["train_seconds"]
         history = list(ckpt.get("history", []))
         _set_rng_state(st["rng"], device, data_gen)
+        if aiwae:
+            hmc_steps = st["hmc_step_sizes"].to(device)
+            accept_sum = st["accept_sum"].to(device)
     if out:
         os.makedirs(out, exist_ok=True)
 
@@ -347,7 +378,9 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
             "optimizer_state": opt.state_dict(),
             "train_state": {"epoch": epoch, "step": step, "perm": perm, "bound_sum": sums[0],
                             "bound_count": sums[1], "train_seconds": train_seconds,
-                            "rng": _rng_state(device, data_gen)},
+                            "rng": _rng_state(device, data_gen),
+                            **({"hmc_step_sizes": hmc_steps.cpu(), "accept_sum": accept_sum.cpu()}
+                               if aiwae else {})},
             "history": history,
         }, os.path.join(out, "checkpoint.pt"))
 
@@ -371,9 +404,13 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
                     break
                 idx = perm[step * config.batch_size:(step + 1) * config.batch_size]
                 x = dataset.batch("train", idx, data_gen).to(device)
-                bound = objective(model, x, config.k, objective_name, config.estimator, config.kl,
-                                  fused=config.fused)
-                loss = -bound.mean()
+                if aiwae:
+                    a = aiwae_step(model, x, config.k, betas, config.leapfrog, hmc_steps)
+                    bound, loss = a.bound, a.decoder_loss + a.encoder_loss
+                else:
+                    bound = objective(model, x, config.k, objective_name, config.estimator, config.kl,
+                                      fused=config.fused)
+                    loss = -bound.mean()
                 if config.prior_std is not None:  # full variational Bayes: KL/N per minibatch
                     loss = loss + model.weight_kl(config.prior_std) / n
                 if not torch.isfinite(loss):
@@ -385,7 +422,16 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
                            else "No checkpoint was written yet.")
                         + " Try a lower --lr or another --seed.")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if aiwae:
+                    # theta from the AIS-weighted log p(x, z) only, phi from the ELBO only
+                    for params, part in ((dec_params, a.decoder_loss), (enc_params, a.encoder_loss)):
+                        for p, g in zip(params, torch.autograd.grad(part, params)):
+                            p.grad = g
+                    accept_sum += a.acceptance
+                    hmc_steps = torch.where(a.acceptance > config.target_accept, hmc_steps * AIWAE_STEP_INC,
+                                            hmc_steps * AIWAE_STEP_DEC).clamp_(AIWAE_STEP_MIN, AIWAE_STEP_MAX)
+                else:
+                    loss.backward()
                 opt.step()
                 sums[0] += float(bound.detach().sum())
                 sums[1] += x.shape[0]
@@ -395,9 +441,14 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
                 checkpoint(epoch, step, perm, sums)
                 break
             record = {"epoch": epoch + 1, "lr": lr, "train_bound": sums[0] / max(sums[1], 1),
-                      "objective": f"{objective_name} k={config.k} ({config.estimator})",
+                      "objective": (f"aiwae k={config.k} T={config.temps} L={config.leapfrog}" if aiwae else
+                                    f"{objective_name} k={config.k} ({config.estimator})"),
                       "seconds": round(time.perf_counter() - t0, 3),
                       "train_seconds": round(train_seconds, 3)}
+            if aiwae:
+                record["hmc_acceptance"] = [round(v, 4) for v in (accept_sum / steps_per_epoch).tolist()]
+                record["hmc_step_sizes"] = [round(v, 5) for v in hmc_steps.tolist()]
+                accept_sum.zero_()
             history.append(record)
             epoch, step, perm, sums = epoch + 1, 0, None, [0.0, 0]
             checkpoint(epoch, step, perm, sums)

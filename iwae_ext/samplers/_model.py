@@ -1,0 +1,100 @@
+"""AIS for the package's models: the initial density, the target log p(x, z) and their gradients
+for B data points with S chains each (chain c = s * B + b)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .._checks import check_choice
+from ..models.vae import DiagonalNormal, normal_log_prob, standard_normal_log_prob
+
+INITS = ("posterior", "prior")
+
+
+@dataclass
+class ModelAIS:
+    """Everything :func:`iwae_ext.samplers.ais` needs for one batch: ``z0`` [S*B, Z] drawn from the
+    initial density, ``grad_fn`` (z -> log_init, log_target, their gradients) and the data rows
+    ``x`` [S*B, D] the chains target. ``fast`` says whether the target's gradient is the
+    hand-written one (:meth:`iwae_ext.models.VAE.log_joint_and_grad`) or autograd's."""
+
+    z0: Tensor
+    grad_fn: object
+    x: Tensor
+    fast: bool
+
+
+def model_ais_densities(model, x: Tensor, num_chains: int, init: str = "posterior",
+                        fast_grad: bool = True, generator: torch.Generator | None = None) -> ModelAIS:
+    """AIS densities for ``model`` (a :class:`iwae_ext.models.VAE`) and data x [B, D].
+
+    init="posterior": start from q(z|x) (its density is the normalised initial density);
+    init="prior": from p(z) = N(0, I) (one stochastic layer). The target is log p(x, z). With
+    ``fast_grad`` and a model that allows it, the target's gradient is the hand-written decoder
+    backward and q's is analytic; otherwise autograd. Random-weight models are refused: their
+    log p(x) also integrates over the weights, which AIS over z alone does not do.
+    """
+    check_choice("init", init, INITS, "model_ais_densities")
+    if getattr(model, "random_weights", "none") != "none":
+        raise ValueError("AIS over z needs deterministic weights; a random-weight model (IWAER) "
+                         "is evaluated by importance sampling over weights and z (bounds, L_S)")
+    if not isinstance(num_chains, int) or num_chains < 1:
+        raise ValueError(f"num_chains must be a positive int, got {num_chains!r}")
+    if init == "prior" and len(model.latent_dims) != 1:
+        raise ValueError("init='prior' needs one stochastic layer (the prior of two layers is not a "
+                         "standard normal over z = (z1, z2)); use init='posterior'")
+    p = next(model.parameters())
+    x = model._check_x(x).to(device=p.device, dtype=p.dtype)
+    xr = x.repeat(num_chains, 1)
+    zdim = model.latent_dim
+    with torch.no_grad():
+        if init == "prior":
+            z0 = torch.randn(xr.shape[0], zdim, dtype=p.dtype, device=p.device, generator=generator)
+            loc = logvar = None
+        else:
+            q = model.posterior(x)
+            if isinstance(q, DiagonalNormal):
+                loc, logvar = q.loc.repeat(num_chains, 1), q.logvar.repeat(num_chains, 1)
+                eps = torch.randn(loc.shape, dtype=p.dtype, device=p.device, generator=generator)
+                z0 = loc + torch.exp(0.5 * logvar) * eps
+            else:  # two stochastic layers: z = (z1, z2) from q(z1|x) q(z2|z1)
+                loc = logvar = None
+                z0 = _hierarchical_sample(q, num_chains, generator).reshape(-1, zdim)
+    fast = bool(fast_grad and getattr(model, "has_fast_log_joint_grad", False) and
+                (init == "prior" or loc is not None))
+
+    if fast:
+        inv_var = None if loc is None else torch.exp(-logvar)
+
+        def grad_fn(z: Tensor):
+            lt, gt = model.log_joint_and_grad(xr, z)
+            if loc is None:
+                return standard_normal_log_prob(z), lt, -z, gt
+            return normal_log_prob(z, loc, logvar), lt, -(z - loc) * inv_var, gt
+    else:
+        def log_init(z: Tensor) -> Tensor:
+            if init == "prior":
+                return standard_normal_log_prob(z)
+            if loc is not None:
+                return normal_log_prob(z, loc, logvar)
+            zs = z.view(num_chains, x.shape[0], zdim)
+            return q.log_prob(zs).reshape(-1)
+
+        def log_target(z: Tensor) -> Tensor:
+            return model.log_joint(xr, z)
+
+        from ._hmc import _autograd_value_and_grad
+        grad_fn = _autograd_value_and_grad([log_init, log_target])
+    return ModelAIS(z0, grad_fn, xr, fast)
+
+
+def _hierarchical_sample(q, num_chains, generator):
+    """[S, B, Z] draws of a HierarchicalPosterior with an explicit generator."""
+    loc1, logvar1 = q.q1.loc, q.q1.logvar
+    e1 = torch.randn((num_chains, *loc1.shape), dtype=loc1.dtype, device=loc1.device, generator=generator)
+    z1 = loc1 + torch.exp(0.5 * logvar1) * e1
+    loc2, logvar2 = q._layer2(z1)
+    e2 = torch.randn(loc2.shape, dtype=loc2.dtype, device=loc2.device, generator=generator)
+    return torch.cat([z1, loc2 + torch.exp(0.5 * logvar2) * e2], -1)

@@ -1,0 +1,343 @@
+"""HMC and AIS against known answers (tolerances from standard errors): leapfrog reversibility
+and its O(step^2) energy error, HMC's invariance for a correlated Gaussian, AIS's log Z for a
+linear-Gaussian model, the hand-written decoder gradient against autograd, and a 2-D-latent
+model whose log p(x) a dense grid gives (AIS agrees, L_5000 stays below, BDMC sandwiches)."""
+import math
+
+import pytest
+import torch
+
+from iwae_ext import evaluate, samplers
+from iwae_ext.models import VAE
+from iwae_ext.ops import hmc_leapfrog
+
+from conftest import DEVICES
+
+# A correlated 2-D Gaussian N(mu, S) as the target
+MU = torch.tensor([1.0, -2.0], dtype=torch.float64)
+S = torch.tensor([[1.0, 0.9], [0.9, 1.0]], dtype=torch.float64)
+P = torch.linalg.inv(S)
+
+
+def gauss_log_density(z):
+    d = z - MU.to(z)
+    return -0.5 * ((d @ P.to(z)) * d).sum(-1)
+
+
+def gauss_grad(z):
+    return gauss_log_density(z), -(z - MU.to(z)) @ P.to(z)
+
+
+def trajectory(z, p, step, num_leapfrog):
+    """L leapfrog steps with the fused op on U = -log N(mu, S)."""
+    gu = -gauss_grad(z)[1]
+    z, p = hmc_leapfrog(z, p, gu, step, 0.5, True)
+    for i in range(num_leapfrog):
+        gu = -gauss_grad(z)[1]
+        last = i + 1 == num_leapfrog
+        z, p = hmc_leapfrog(z, p, gu, step, 0.5 if last else 1.0, not last)
+    return z, p
+
+
+def hamiltonian(z, p):
+    return -gauss_log_density(z) + 0.5 * p.square().sum(-1)
+
+
+def test_leapfrog_is_reversible():
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(100, 2, generator=g, dtype=torch.float64)
+    p0 = torch.randn(100, 2, generator=g, dtype=torch.float64)
+    step = torch.full((100,), 0.1, dtype=torch.float64)
+    z1, p1 = trajectory(z0, p0, step, 20)
+    z2, p2 = trajectory(z1, -p1, step, 20)
+    torch.testing.assert_close(z2, z0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(-p2, p0, rtol=0, atol=1e-12)
+
+
+def test_energy_error_shrinks_as_step_squared():
+    """Fixed integration time 1: the mean |dH| against the step size has slope 2 on a log-log
+    scale (leapfrog is second order; steps well inside the stability limit 2/omega_max = 0.62)."""
+    g = torch.Generator().manual_seed(1)
+    z0 = MU + torch.randn(500, 2, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(S).T
+    p0 = torch.randn(500, 2, generator=g, dtype=torch.float64)
+    steps = (0.04, 0.02, 0.01, 0.005)
+    errors = []
+    for step in steps:
+        z, p = trajectory(z0, p0, torch.full((500,), step, dtype=torch.float64), round(1 / step))
+        errors.append(float((hamiltonian(z, p) - hamiltonian(z0, p0)).abs().mean()))
+    logs, loge = torch.tensor(steps).log(), torch.tensor(errors).log()
+    slope = float(((logs - logs.mean()) * (loge - loge.mean())).sum() / (logs - logs.mean()).square().sum())
+    assert 1.95 < slope < 2.05, (slope, errors)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hmc_leaves_a_correlated_gaussian_invariant(device):
+    """Chains started at exact draws stay exactly distributed: mean and covariance of the final
+    states within 4 standard errors (mean: sqrt(S_ii / C); covariance entries: sqrt((S_ii S_jj +
+    S_ij^2) / C))."""
+    c = 8000
+    g = torch.Generator(device=device).manual_seed(2)
+    L = torch.linalg.cholesky(S).to(device)
+    z0 = MU.to(device) + torch.randn(c, 2, generator=g, dtype=torch.float64, device=device) @ L.T
+    res = samplers.hmc(gauss_log_density, z0, num_samples=10, num_leapfrog=5, step_size=0.15,
+                       num_warmup=0, generator=g)
+    z = res.samples[-1].cpu()
+    se_mean = (S.diagonal() / c).sqrt()
+    assert ((z.mean(0) - MU).abs() < 4 * se_mean).all(), (z.mean(0), se_mean)
+    cov = torch.cov(z.T)
+    se_cov = ((S.diagonal()[:, None] * S.diagonal()[None, :] + S * S) / c).sqrt()
+    assert ((cov - S).abs() < 4 * se_cov).all(), (cov, se_cov)
+    assert 0.5 < float(res.acceptance_rate.mean()) < 1.0
+
+
+def test_hmc_converges_from_a_point_and_adapts_toward_the_target_acceptance():
+    c = 4000
+    g = torch.Generator().manual_seed(3)
+    z0 = torch.full((c, 2), 4.0, dtype=torch.float64)
+    res = samplers.hmc(None, z0, num_samples=30, num_leapfrog=5, step_size=1.0, num_warmup=200,
+                       target_accept=0.65, grad_fn=gauss_grad, generator=g)
+    z = res.samples[-1]
+    se_mean = (S.diagonal() / c).sqrt()
+    assert ((z.mean(0) - MU).abs() < 4 * se_mean).all()
+    cov = torch.cov(z.T)
+    se_cov = ((S.diagonal()[:, None] * S.diagonal()[None, :] + S * S) / c).sqrt()
+    assert ((cov - S).abs() < 4 * se_cov).all(), (cov, se_cov)
+    # step sizes were adapted (from 1.0) and the acceptance sits near the target
+    assert float(res.step_size.max()) < 1.0
+    assert abs(float(res.acceptance_rate.mean()) - 0.65) < 0.1
+
+
+class LinearGaussianModel:
+    """z ~ N(0, I_d), x | z ~ N(W z + b, s2 I): p(x) = N(b, W W^T + s2 I) exactly."""
+
+    def __init__(self, d=3, n=5, s2=0.3, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.W = torch.randn(n, d, generator=g, dtype=torch.float64)
+        self.b = torch.randn(n, generator=g, dtype=torch.float64)
+        self.s2 = s2
+
+    def log_joint(self, x, z):  # x [C, n], z [C, d]
+        r = x - z @ self.W.T - self.b
+        return (-0.5 * (z.square().sum(-1) + z.shape[-1] * math.log(2 * math.pi))
+                - 0.5 * (r.square().sum(-1) / self.s2 + x.shape[-1] * math.log(2 * math.pi * self.s2)))
+
+    def exact(self, x):
+        cov = self.W @ self.W.T + self.s2 * torch.eye(self.W.shape[0], dtype=torch.float64)
+        return torch.distributions.MultivariateNormal(self.b, cov).log_prob(x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("schedule", ["sigmoid", "linear"])
+def test_ais_recovers_the_exact_log_likelihood_of_a_linear_gaussian_model(device, schedule):
+    """AIS from the prior to p(x, z), 4 data points x 256 chains: each point's log-mean-exp is
+    within 4 standard errors of the exact log p(x) (delta method: std(w) / (sqrt(C) mean(w)))."""
+    m = LinearGaussianModel()
+    g = torch.Generator().manual_seed(4)
+    x = m.b + torch.randn(4, 5, generator=g, dtype=torch.float64) * 2
+    chains = 256
+    xr = x.repeat(chains, 1).to(device)
+    W, b = m.W.to(device), m.b.to(device)
+    m.W, m.b = W, b
+    gd = torch.Generator(device=device).manual_seed(5)
+    z0 = torch.randn(xr.shape[0], 3, generator=gd, dtype=torch.float64, device=device)
+    betas = (samplers.sigmoid_schedule(300) if schedule == "sigmoid" else samplers.linear_schedule(300))
+    res = samplers.ais(lambda z: -0.5 * (z.square().sum(-1) + 3 * math.log(2 * math.pi)),
+                       lambda z: m.log_joint(xr, z), z0, betas, num_leapfrog=5, step_size=0.2,
+                       generator=gd)
+    est = res.log_normalizer(4).cpu()
+    lw = res.log_weights.view(chains, 4).cpu()
+    w = torch.exp(lw - lw.max(0).values)
+    se = w.std(0) / (math.sqrt(chains) * w.mean(0))
+    m.W, m.b = W.cpu(), b.cpu()
+    exact = m.exact(x)
+    assert ((est - exact).abs() < 4 * se + 1e-3).all(), (est - exact, se)
+    assert 0.4 < float(res.acceptance_rate.mean()) < 0.95
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_ais_with_a_grad_fn_and_cuda_graph(device, cuda_graph):
+    """The same known answer through an analytic grad_fn; on CUDA also with the temperature loop
+    captured in a CUDA graph and replayed."""
+    if cuda_graph and device == "cpu":
+        pytest.skip("CUDA graphs are for CUDA tensors")
+    m = LinearGaussianModel()
+    g = torch.Generator().manual_seed(14)
+    x = m.b + torch.randn(3, 5, generator=g, dtype=torch.float64)
+    chains = 256
+    xr = x.repeat(chains, 1).to(device)
+    W, b = m.W.to(device), m.b.to(device)
+
+    def grad_fn(z):
+        r = xr - z @ W.T - b
+        li = -0.5 * (z.square().sum(-1) + 3 * math.log(2 * math.pi))
+        lt = li - 0.5 * (r.square().sum(-1) / m.s2 + 5 * math.log(2 * math.pi * m.s2))
+        return li, lt, -z, -z + (r @ W) / m.s2
+
+    gd = torch.Generator(device=device).manual_seed(15)
+    z0 = torch.randn(xr.shape[0], 3, generator=gd, dtype=torch.float64, device=device)
+    res = samplers.ais(None, None, z0, samplers.sigmoid_schedule(200), num_leapfrog=5, step_size=0.2,
+                       grad_fn=grad_fn, generator=gd, cuda_graph=cuda_graph)
+    lw = res.log_weights.view(chains, 3).cpu()
+    w = torch.exp(lw - lw.max(0).values)
+    se = w.std(0) / (math.sqrt(chains) * w.mean(0))
+    est = res.log_normalizer(3).cpu()
+    assert ((est - m.exact(x)).abs() < 4 * se + 1e-3).all(), (est - m.exact(x), se)
+    assert 0.4 < float(res.acceptance_rate.mean()) < 0.95
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid"])
+def test_hand_written_decoder_gradient_equals_autograd(likelihood, activation):
+    torch.manual_seed(6)
+    model = VAE(x_dim=11, latent_dims=(4,), hidden=(7, 5), activation=activation,
+                likelihood=likelihood).double()
+    x = torch.rand(9, 11, dtype=torch.float64)
+    if likelihood == "bernoulli":
+        x = x.round()
+    z = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    value, grad = model.log_joint_and_grad(x, z.detach())
+    want = model.log_joint(x, z)
+    (want_grad,) = torch.autograd.grad(want.sum(), z)
+    torch.testing.assert_close(value, want.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_fast_gradient_refused_where_it_does_not_apply():
+    two = VAE(x_dim=6, latent_dims=(3, 2), hidden=((5,), (4,)))
+    assert not two.has_fast_log_joint_grad
+    with pytest.raises(ValueError, match="one stochastic layer"):
+        two.log_joint_and_grad(torch.rand(2, 6), torch.randn(2, 5))
+    model = VAE(x_dim=6, latent_dims=(3,), hidden=(5,))
+    with pytest.raises(ValueError, match="z must have shape \\[2, 3\\]"):
+        model.log_joint_and_grad(torch.rand(2, 6), torch.randn(3, 3))
+
+
+@pytest.fixture(scope="module")
+def small_2d_model():
+    """A VAE with a 2-D latent trained briefly on 1,000 binarized MNIST images (float64)."""
+    from iwae_ext.data import load_dataset
+    from iwae_ext.objectives import objective
+    torch.manual_seed(7)
+    x = load_dataset("binarized_mnist").split("train")[:1000].double()
+    model = VAE(x_dim=784, latent_dims=(2,), hidden=(64,), x_mean=x.mean(0)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(15):
+        for i in range(0, x.shape[0], 100):
+            loss = -objective(model, x[i:i + 100], 5).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval(), x
+
+
+def grid_log_likelihood(model, x, half_width=6.0, n=601):
+    """log p(x) = log sum over a dense grid of p(x, z) dz (the posterior is well inside it)."""
+    t = torch.linspace(-half_width, half_width, n, dtype=torch.float64)
+    zz = torch.cartesian_prod(t, t)  # [n^2, 2]
+    dz = (t[1] - t[0]) ** 2
+    out = []
+    with torch.no_grad():
+        for xi in x:
+            lj = model.log_joint(xi.unsqueeze(0), zz.unsqueeze(1))[:, 0]
+            out.append(torch.logsumexp(lj, 0) + math.log(dz))
+    return torch.stack(out)
+
+
+def test_ais_agrees_with_a_dense_grid_and_l5000_stays_below(small_2d_model):
+    model, x = small_2d_model
+    xs = x[:6]
+    grid = grid_log_likelihood(model, xs)
+    g = torch.Generator().manual_seed(8)
+    est = evaluate.ais_log_likelihood(model, xs, num_chains=16, num_temps=500, num_leapfrog=5,
+                                      generator=g, return_details=True)
+    lw = est.log_weights
+    w = torch.exp(lw - lw.max(0).values)
+    se = w.std(0) / (math.sqrt(lw.shape[0]) * w.mean(0))
+    assert ((est.log_likelihood - grid).abs() < 4 * se + 0.02).all(), (est.log_likelihood - grid, se)
+    # L_5000 is below log p(x) in expectation; one draw may overshoot by its standard error
+    # (std(w) / (sqrt(k) mean(w)), large where q misses the posterior's mode)
+    torch.manual_seed(9)
+    with torch.no_grad():
+        lw5000 = model.log_weights(xs, 5000)
+    l5000 = torch.logsumexp(lw5000, 0) - math.log(5000)
+    w5000 = torch.exp(lw5000 - lw5000.max(0).values)
+    se5000 = w5000.std(0) / (math.sqrt(5000) * w5000.mean(0))
+    assert (l5000 <= grid + 4 * se5000 + 1e-3).all(), (l5000 - grid, se5000)
+    # from the prior (a far worse start: more temperatures) the same answer
+    est_prior = evaluate.ais_log_likelihood(model, xs, num_chains=16, num_temps=2000, num_leapfrog=5,
+                                            init="prior", generator=g, return_details=True)
+    lw = est_prior.log_weights
+    w = torch.exp(lw - lw.max(0).values)
+    se = w.std(0) / (math.sqrt(lw.shape[0]) * w.mean(0))
+    assert ((est_prior.log_likelihood - grid).abs() < 4 * se + 0.02).all(), (est_prior.log_likelihood - grid, se)
+
+
+def test_fast_and_autograd_ais_give_the_same_chains(small_2d_model):
+    """The hand-written gradient and autograd's drive the same trajectories with the same seed."""
+    model, x = small_2d_model
+    out = []
+    for fast in (True, False):
+        g = torch.Generator().manual_seed(10)
+        out.append(evaluate.ais_log_likelihood(model, x[:3], num_chains=4, num_temps=30, num_leapfrog=3,
+                                               fast_grad=fast, generator=g, return_details=True))
+    torch.testing.assert_close(out[0].log_weights, out[1].log_weights, rtol=1e-9, atol=1e-9)
+
+
+def test_bdmc_sandwiches_the_grid_value(small_2d_model):
+    model, _ = small_2d_model
+    g = torch.Generator().manual_seed(11)
+    r = evaluate.bdmc(model, num_points=5, num_chains=8, num_temps=300, num_leapfrog=5, generator=g)
+    grid = grid_log_likelihood(model, r.x.double())
+    # each bound holds in expectation: one estimate may cross the true value by its standard error
+    assert (r.lower <= grid + 4 * r.lower_stderr + 1e-3).all(), (r.lower - grid, r.lower_stderr)
+    assert (r.upper >= grid - 4 * r.upper_stderr - 1e-3).all(), (r.upper - grid, r.upper_stderr)
+    assert float(r.gap.mean()) < 0.5
+
+
+def test_two_layer_model_runs_ais_by_autograd():
+    torch.manual_seed(12)
+    model = VAE(x_dim=10, latent_dims=(3, 2), hidden=((6,), (4,))).double()
+    x = torch.rand(4, 10, dtype=torch.float64).round()
+    est = evaluate.ais_log_likelihood(model, x, num_chains=4, num_temps=20, num_leapfrog=2)
+    assert est.shape == (4,) and torch.isfinite(est).all()
+
+
+def test_schedules():
+    lin = samplers.linear_schedule(5)
+    torch.testing.assert_close(lin, torch.tensor([0, 0.25, 0.5, 0.75, 1], dtype=torch.float64))
+    s = samplers.sigmoid_schedule(101, rad=4)
+    assert s[0] == 0 and s[-1] == 1 and bool((s[1:] > s[:-1]).all())
+    d = s[1:] - s[:-1]
+    assert d[0] < d[50] and d[-1] < d[50]  # denser at both ends
+    torch.testing.assert_close(s + s.flip(0), torch.ones_like(s))  # symmetric
+    with pytest.raises(ValueError, match="num_temps"):
+        samplers.linear_schedule(1)
+    with pytest.raises(ValueError, match="rad"):
+        samplers.sigmoid_schedule(10, rad=0)
+
+
+def test_api_errors_name_the_argument():
+    z0 = torch.zeros(3, 2)
+    f = lambda z: -z.square().sum(-1)  # noqa: E731
+    with pytest.raises(ValueError, match="betas must run from 0 to 1"):
+        samplers.ais(f, f, z0, [0.0, 0.5])
+    with pytest.raises(ValueError, match="z0 must have shape"):
+        samplers.ais(f, f, torch.zeros(3), [0.0, 1.0])
+    with pytest.raises(ValueError, match="num_leapfrog"):
+        samplers.ais(f, f, z0, [0.0, 1.0], num_leapfrog=0)
+    with pytest.raises(ValueError, match="step_size"):
+        samplers.ais(f, f, z0, [0.0, 1.0], step_size=-1.0)
+    with pytest.raises(ValueError, match="target_accept"):
+        samplers.hmc(f, z0, 2, target_accept=1.5)
+    with pytest.raises(ValueError, match="log-density must map"):
+        samplers.hmc(lambda z: z, z0, 2)
+    with pytest.raises(ValueError, match="init"):
+        evaluate.ais_log_likelihood(VAE(x_dim=6, latent_dims=(2,), hidden=(3,)), torch.rand(2, 6),
+                                    num_temps=3, init="uniform")
+    with pytest.raises(ValueError, match="schedule"):
+        evaluate.ais_log_likelihood(VAE(x_dim=6, latent_dims=(2,), hidden=(3,)), torch.rand(2, 6),
+                                    num_temps=3, schedule="cosine")
+    rw = VAE(x_dim=6, latent_dims=(2,), hidden=(3,), random_weights="all")
+    with pytest.raises(ValueError, match="deterministic weights"):
+        evaluate.ais_log_likelihood(rw, torch.rand(2, 6), num_temps=3)
