@@ -201,6 +201,8 @@ def test_hand_written_decoder_gradient_equals_autograd(likelihood, activation):
     (want_grad,) = torch.autograd.grad(want.sum(), z)
     torch.testing.assert_close(value, want.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)
+    none, grad_only = model.log_joint_and_grad(x, z.detach(), value=False)
+    assert none is None and torch.equal(grad_only, grad)
 
 
 def test_fast_gradient_refused_where_it_does_not_apply():

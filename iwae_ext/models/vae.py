@@ -367,7 +367,7 @@ class VAE(nn.Module):
         return len(self.latent_dims) == 1 and self.random_weights != "all"
 
     @torch.no_grad()
-    def log_joint_and_grad(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    def log_joint_and_grad(self, x: Tensor, z: Tensor, value: bool = True) -> tuple[Tensor | None, Tensor]:
         """log p(x, z) and its gradient in z by a hand-written backward through the decoder MLP
         (no autograd graph): x [C, D], z [C, Z] -> ([C], [C, Z]). Equal to autograd's up to
         rounding; one stochastic layer, deterministic decoder (:attr:`has_fast_log_joint_grad`).
@@ -375,7 +375,7 @@ class VAE(nn.Module):
         Bernoulli: d/d logits = x - sigmoid(logits). Gaussian (mean sigmoid(m), log-variance v):
         d/dm = (x - mean) exp(-v) mean (1 - mean), d/dv = ((x - mean)^2 exp(-v) - 1) / 2.
         Each hidden layer h = act(a): d/da = d/dh * act'(a), read from h alone.
-        The prior N(0, I) adds -z.
+        The prior N(0, I) adds -z. ``value=False``: the gradient only (the value is None).
         """
         if not self.has_fast_log_joint_grad:
             raise ValueError("log_joint_and_grad: needs one stochastic layer and a deterministic decoder "
@@ -394,14 +394,14 @@ class VAE(nn.Module):
             h = _ACT_FORWARD[self.config["activation"]](h)
         if isinstance(dec, BernoulliDecoder):
             logits = F.linear(h, dec.logits.weight, dec.logits.bias)
-            log_lik = (x * logits).sum(-1) - F.softplus(logits).sum(-1)
+            log_lik = (x * logits).sum(-1) - F.softplus(logits).sum(-1) if value else None
             dh = (x - torch.sigmoid(logits)) @ dec.logits.weight
         else:
             mean = torch.sigmoid(F.linear(h, dec.net.loc.weight, dec.net.loc.bias))
             logvar = F.linear(h, dec.net.logvar.weight, dec.net.logvar.bias)
             r = x - mean
             prec_r = r * torch.exp(-logvar)
-            log_lik = -0.5 * (LOG_2PI + logvar + r * prec_r).sum(-1)
+            log_lik = -0.5 * (LOG_2PI + logvar + r * prec_r).sum(-1) if value else None
             d_loc = prec_r * mean * (1 - mean)
             d_logvar = 0.5 * (r * prec_r - 1)
             dh = d_loc @ dec.net.loc.weight + d_logvar @ dec.net.logvar.weight
@@ -410,7 +410,7 @@ class VAE(nn.Module):
             dh = _act_backward(act, dh, h)
             dh = dh @ lin.weight
             h = h_in
-        return standard_normal_log_prob(z) + log_lik, dh - z
+        return (standard_normal_log_prob(z) + log_lik if value else None), dh - z
 
     @classmethod
     def from_deterministic(cls, model: "VAE", random_weights: str = "all", rho_init: float = -5.0) -> "VAE":

@@ -134,10 +134,15 @@ class _Trajectory:
         u0, gu = self.potential(cache, beta)
         p0 = torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=self.generator)
         zl, p = hmc_leapfrog(z, p0, gu, step, 0.5, True)
+        grads_only = getattr(self.value_and_grad, "grads_only", None)
         for step_index in range(self.num_leapfrog):
-            new = self.value_and_grad(zl)
-            u1, gu = self.potential(new, beta)
             last = step_index + 1 == self.num_leapfrog
+            if last or grads_only is None:
+                new = self.value_and_grad(zl)
+                u1, gu = self.potential(new, beta)
+            else:  # inside the trajectory only the gradient is needed
+                gi, gt = grads_only(zl)
+                gu = -gt if gi is None else -torch.lerp(gi, gt, beta)
             if last:
                 _, p = hmc_leapfrog(zl, p, gu, step, 0.5, False)
             else:
@@ -195,8 +200,10 @@ def ais(log_init: LogDensity | None, log_target: LogDensity | None, z0: Tensor, 
         target_accept, adapt_step_size, adaptation: per-chain step-size adaptation toward the
             target acceptance (:class:`StepSizeAdaptation`).
         grad_fn: optional z -> (log_init(z), log_target(z), grad log_init(z), grad log_target(z))
-            replacing autograd (e.g. :func:`iwae_ext.samplers.decoder_value_and_grad`); then
-            log_init and log_target may be None.
+            replacing autograd (e.g. :func:`iwae_ext.samplers.model_ais_densities`); then
+            log_init and log_target may be None. If it also has a method ``grads_only(z) ->
+            (grad log_init, grad log_target)``, that is used inside trajectories, where the
+            density values are not needed.
         generator: for the momenta and the uniforms (on z0's device).
         temperature_step_sizes: optional [T-1] tensor, one step size per temperature shared by
             all chains (as AIWAE keeps them across training steps, paper 004); replaces step_size,

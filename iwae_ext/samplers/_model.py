@@ -66,13 +66,7 @@ def model_ais_densities(model, x: Tensor, num_chains: int, init: str = "posterio
                 (init == "prior" or loc is not None))
 
     if fast:
-        inv_var = None if loc is None else torch.exp(-logvar)
-
-        def grad_fn(z: Tensor):
-            lt, gt = model.log_joint_and_grad(xr, z)
-            if loc is None:
-                return standard_normal_log_prob(z), lt, -z, gt
-            return normal_log_prob(z, loc, logvar), lt, -(z - loc) * inv_var, gt
+        grad_fn = _FastDensities(model, xr, loc, logvar)
     else:
         def log_init(z: Tensor) -> Tensor:
             if init == "prior":
@@ -88,6 +82,26 @@ def model_ais_densities(model, x: Tensor, num_chains: int, init: str = "posterio
         from ._hmc import _autograd_value_and_grad
         grad_fn = _autograd_value_and_grad([log_init, log_target])
     return ModelAIS(z0, grad_fn, xr, fast)
+
+
+class _FastDensities:
+    """z -> (log_init, log_target, their gradients) with the hand-written decoder backward and
+    q's analytic gradient; ``grads_only`` skips the density values (inside trajectories)."""
+
+    def __init__(self, model, x, loc, logvar):
+        self.model, self.x, self.loc, self.logvar = model, x, loc, logvar
+        self.inv_var = None if loc is None else torch.exp(-logvar)
+
+    def _grad_init(self, z):
+        return -z if self.loc is None else -(z - self.loc) * self.inv_var
+
+    def __call__(self, z: Tensor):
+        lt, gt = self.model.log_joint_and_grad(self.x, z)
+        li = standard_normal_log_prob(z) if self.loc is None else normal_log_prob(z, self.loc, self.logvar)
+        return li, lt, self._grad_init(z), gt
+
+    def grads_only(self, z: Tensor):
+        return self._grad_init(z), self.model.log_joint_and_grad(self.x, z, value=False)[1]
 
 
 def _hierarchical_sample(q, num_chains, generator):
