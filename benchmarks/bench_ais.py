@@ -8,13 +8,20 @@ on binarized-MNIST test images; C chains (C / 16 images x 16 chains) from q(z|x)
 temperatures (sigmoid schedule), L leapfrog steps per transition, step sizes adapted per chain.
   iwae_ext  iwae_ext.evaluate's path: fused hmc_leapfrog / hmc_accept ops and the hand-written
             decoder gradient (no autograd graph per step);
-  eager     the same algorithm as the AIWAE authors' code writes it: the potential
-            U = -((1 - beta) log q + beta log p) and its gradient by torch.autograd.grad at every
-            leapfrog position, the leapfrog updates, Metropolis-Hastings test and step-size
-            adaptation as PyTorch tensor ops.
-Both run the same number of leapfrog steps; the figure is chain-gradient evaluations per second
-(C x (T - 1) x L / seconds). Both are checked to give the same log-weights from the same random
-numbers first (float64, a few temperatures). Time: interleaved rounds, median of per-round ratios.
+  authors   an eager loop with the structure of the AIWAE authors' HMC (xqding/AIWAE,
+            script/AIWAE_models.py, written anew here): every energy is computed from scratch,
+            q(z|x) by running the encoder on x, the gradient by torch.autograd.grad; a
+            transition evaluates energy and gradient at its start and at each of the L positions
+            (L + 1 gradients) and both energies again for the Metropolis-Hastings test; the
+            weights' increment evaluates both densities once more; one step size for all chains,
+            adapted from the mean acceptance read back to the host every temperature.
+  eager     a careful eager loop with exactly our arithmetic (cached densities, L gradients per
+            transition, per-chain step sizes, no host reads), gradients by autograd: what fusing
+            and the hand-written gradient gain on their own.
+All run the same schedule and L; the figure is chain-gradient evaluations per second counted as
+C x (T - 1) x L / seconds for all three. "eager" is checked to give our log-weights from the same
+random numbers, "authors" likewise with adaptation off (float64, a few temperatures). Time:
+interleaved rounds, median of per-round ratios.
 JSON: benchmarks/results/ais-<device>.json.
 """
 import argparse
@@ -113,12 +120,73 @@ def eager(model, x, betas, num_leapfrog, step_size, generator, target=0.65, deca
     return log_w
 
 
+def authors(model, x, betas, num_leapfrog, step_size, generator, target=0.65, inc=1.02, dec=0.98,
+            adapt=True):
+    """The AIWAE authors' HMC structure (see the module docstring), float64 weights."""
+    xr = x.repeat(CHAINS_PER_IMAGE, 1)
+
+    def log_q(z):
+        loc, logvar = model.encoders[0](xr)  # the encoder runs on x at every evaluation
+        return normal_log_prob(z, loc, logvar)
+
+    def energy(z, beta):
+        with torch.no_grad():
+            lq, lp = log_q(z), model.log_joint(xr, z)
+        return -(beta * lp + (1 - beta) * lq), lq, lp
+
+    def energy_and_force(z, beta):
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            lq, lp = log_q(z), model.log_joint(xr, z)
+            u = -(beta * lp + (1 - beta) * lq)
+            (g,) = torch.autograd.grad(u, z, torch.ones_like(u))
+        return u.detach(), g
+
+    with torch.no_grad():
+        loc, logvar = model.encoders[0](xr)
+        z = loc + torch.exp(0.5 * logvar) * torch.randn(loc.shape, dtype=loc.dtype, device=loc.device,
+                                                          generator=generator)
+    log_w = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
+    eps = step_size
+    bl = betas.tolist()
+    for t in range(1, len(bl)):
+        _, lq, lp = energy(z, bl[t])
+        log_w += (bl[t] - bl[t - 1]) * (lp.double() - lq.double())
+        beta = bl[t]
+        p0 = torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=generator)
+        _, g = energy_and_force(z, beta)
+        p = p0 - 0.5 * eps * g
+        q = z
+        for i in range(num_leapfrog):
+            q = q + eps * p
+            _, g = energy_and_force(q, beta)
+            if i != num_leapfrog - 1:
+                p = p - eps * g
+        p = p - 0.5 * eps * g
+        u0, _, _ = energy(z, beta)
+        u1, _, _ = energy(q, beta)
+        h0 = u0.double() + 0.5 * p0.double().square().sum(-1)
+        h1 = u1.double() + 0.5 * p.double().square().sum(-1)
+        log_u = torch.rand(z.shape[0], dtype=z.dtype, device=z.device, generator=generator).log()
+        acc = torch.isfinite(h1) & (log_u.double() < h0 - h1)
+        z = torch.where(acc.unsqueeze(-1), q, z)
+        if adapt:
+            eps = eps * (inc if acc.double().mean().item() > target else dec)  # a host read
+    return log_w
+
+
 def check_equal(device):
     model, x = model_and_data(64, device, torch.float64)
     betas = samplers.sigmoid_schedule(6)
     a = ours(model, x, betas, 3, 0.05, torch.Generator(device=device).manual_seed(1))
     b = eager(model, x, betas, 3, 0.05, torch.Generator(device=device).manual_seed(1))
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    g = torch.Generator(device=device).manual_seed(2)
+    dens = samplers.model_ais_densities(model, x, CHAINS_PER_IMAGE, "posterior", True, g)
+    a = samplers.ais(None, None, dens.z0, betas, 3, 0.05, adapt_step_size=False, grad_fn=dens.grad_fn,
+                     generator=g).log_weights
+    c = authors(model, x, betas, 3, 0.05, torch.Generator(device=device).manual_seed(2), adapt=False)
+    torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-9)
 
 
 def throughput(args, device):
@@ -129,16 +197,18 @@ def throughput(args, device):
         betas = samplers.sigmoid_schedule(args.temps)
         gen = torch.Generator(device=device).manual_seed(0)
         fns = {"iwae_ext": lambda: ours(model, x, betas, args.leapfrog, 0.05, gen),
+               "authors": lambda: authors(model, x, betas, args.leapfrog, 0.05, gen),
                "eager": lambda: eager(model, x, betas, args.leapfrog, 0.05, gen)}
         times = measure_interleaved(fns, device, rounds=args.rounds, block_seconds=0.0)
         evals = c * (args.temps - 1) * args.leapfrog
-        row = {"chains": c, "images": x.shape[0], "temps": args.temps, "leapfrog": args.leapfrog,
-               "iwae_ext_s": median(times["iwae_ext"]), "eager_s": median(times["eager"]),
-               "iwae_ext_grad_evals_per_s": evals / median(times["iwae_ext"]),
-               "eager_grad_evals_per_s": evals / median(times["eager"]),
-               "speedup": median([e / o for e, o in zip(times["eager"], times["iwae_ext"])]),
-               "speedup_range": [min(e / o for e, o in zip(times["eager"], times["iwae_ext"])),
-                                 max(e / o for e, o in zip(times["eager"], times["iwae_ext"]))]}
+        row = {"chains": c, "images": x.shape[0], "temps": args.temps, "leapfrog": args.leapfrog}
+        for name in fns:
+            row[f"{name}_s"] = median(times[name])
+            row[f"{name}_grad_evals_per_s"] = evals / median(times[name])
+        for name in ("authors", "eager"):
+            ratios = [e / o for e, o in zip(times[name], times["iwae_ext"])]
+            row[f"speedup_vs_{name}"] = median(ratios)
+            row[f"speedup_vs_{name}_range"] = [min(ratios), max(ratios)]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
