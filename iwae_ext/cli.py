@@ -160,6 +160,9 @@ def eval_main(argv=None) -> int:
                    help="sigmoid (Wu et al.) or linear (paper 004) (default sigmoid)")
     g.add_argument("--ais-init", choices=["posterior", "prior"], default="posterior",
                    help="start the chains from q(z|x) or p(z) (default posterior)")
+    g.add_argument("--bdmc", type=int, default=0, metavar="N",
+                   help="also run BDMC on N points simulated from the model with the AIS settings: "
+                        "forward (lower) and reverse (upper) bounds of their log p(x)")
     args = p.parse_args(argv)
     try:
         model, ckpt = load_checkpoint(args.checkpoint, map_location=args.device, with_state=True)
@@ -209,6 +212,17 @@ def eval_main(argv=None) -> int:
         })
         per_point["ais_log_likelihood"] = a.log_likelihood
         per_point["ais_log_weights"] = a.log_weights
+    if args.bdmc:
+        try:
+            r = evaluate.bdmc(model, args.bdmc, args.ais_chains, args.ais_temps, args.ais_leapfrog,
+                              args.ais_schedule, batch_size=args.batch_size,
+                              generator=torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed + 1))
+        except ValueError as e:
+            print(f"iwae-eval: error: {e}", file=sys.stderr)
+            return 2
+        result["bdmc"] = {"n": args.bdmc, "lower": float(r.lower.mean()), "upper": float(r.upper.mean()),
+                          "gap": float(r.gap.mean()), "chains": args.ais_chains, "temps": args.ais_temps,
+                          "schedule": args.ais_schedule}
     if args.per_point:
         torch.save(per_point, args.per_point)
     print(json.dumps(result, indent=1))

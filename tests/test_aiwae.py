@@ -130,3 +130,7 @@ def test_cli_aiwae_and_eval_ais(tmp_path, capsys):
     assert r["variational_gap"] == pytest.approx(r["ais_log_likelihood"] - r["log_likelihood"])
     pp = torch.load(per_point, weights_only=True)
     assert pp["ais_log_likelihood"].shape == (6,) and pp["ais_log_weights"].shape == (4, 6)
+    assert cli.eval_main([out, "--k", "5", "--limit", "2", "--bdmc", "3", "--ais-temps", "20",
+                          "--ais-chains", "2", "--ais-leapfrog", "2", "--no-progress"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["bdmc"]["n"] == 3 and r["bdmc"]["gap"] == pytest.approx(r["bdmc"]["upper"] - r["bdmc"]["lower"])

@@ -186,6 +186,27 @@ def test_ais_with_a_grad_fn_and_cuda_graph(device, cuda_graph):
     assert 0.4 < float(res.acceptance_rate.mean()) < 0.95
 
 
+@pytest.mark.skipif(DEVICES[1].marks[0].args[0], reason="needs a CUDA device and kernels")
+def test_no_host_synchronisation_in_the_temperature_loop():
+    """torch.cuda.set_sync_debug_mode('error') raises on any device-to-host read: the AIS loop of
+    a package model (hand-written gradient) runs through it (eagerly; the graphed loop only
+    replays, after a capture that synchronises once)."""
+    torch.manual_seed(16)
+    model = VAE(x_dim=20, latent_dims=(3,), hidden=(8,)).double().cuda().eval()
+    x = torch.rand(4, 20, dtype=torch.float64, device="cuda").round()
+    g = torch.Generator(device="cuda").manual_seed(17)
+    dens = samplers.model_ais_densities(model, x, 8, "posterior", True, g)
+    betas = samplers.sigmoid_schedule(12)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        res = samplers.ais(None, None, dens.z0, betas, 3, 0.05, grad_fn=dens.grad_fn, generator=g,
+                           cuda_graph=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(res.log_weights).all()
+
+
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 @pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid"])
 def test_hand_written_decoder_gradient_equals_autograd(likelihood, activation):

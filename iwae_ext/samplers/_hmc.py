@@ -7,6 +7,7 @@ reads a value back to the host, so on CUDA they queue without synchronising.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -75,11 +76,12 @@ def _per_chain(value, name, z0, fn) -> Tensor:
             raise ValueError(f"{fn}: {name} must be a number or a tensor of shape [{z0.shape[0]}], "
                              f"got shape {tuple(value.shape)}")
         out = value.detach().to(dtype=z0.dtype, device=z0.device).clone()
-    else:
-        out = torch.full((z0.shape[0],), float(value), dtype=z0.dtype, device=z0.device)
-    if not bool(((out > 0) & torch.isfinite(out)).all()):
-        raise ValueError(f"{fn}: {name} must be positive and finite")
-    return out
+        if not bool(((out > 0) & torch.isfinite(out)).all()):  # one read-back, before any loop
+            raise ValueError(f"{fn}: {name} must be positive and finite")
+        return out
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{fn}: {name} must be positive and finite, got {value!r}")
+    return torch.full((z0.shape[0],), float(value), dtype=z0.dtype, device=z0.device)
 
 
 def _check_target_accept(target_accept, fn):
@@ -308,12 +310,20 @@ def _ais_graphed(traj, z, cache, step, avg, log_w, accepted, per_temp, betas_z, 
     torch.cuda.current_stream(z.device).wait_stream(side)
     if n > warmup:
         graph = torch.cuda.CUDAGraph()
-        if traj.generator is not None and hasattr(graph, "register_generator_state"):
-            graph.register_generator_state(traj.generator)
-        with torch.cuda.graph(graph):
-            body()
+        try:
+            if traj.generator is not None:
+                graph.register_generator_state(traj.generator)
+            with torch.cuda.graph(graph):
+                body()
+        except (RuntimeError, AttributeError) as e:  # a grad_fn that cannot be captured
+            warnings.warn(f"ais: the temperature loop could not be captured in a CUDA graph ({e}); "
+                          f"running it eagerly (pass cuda_graph=False to skip the attempt)")
+            graph = None
         for _ in range(n - warmup):
-            graph.replay()
+            if graph is None:
+                body()
+            else:
+                graph.replay()
     return z_s, step_s
 
 
