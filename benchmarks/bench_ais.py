@@ -18,6 +18,9 @@ temperatures (sigmoid schedule), L leapfrog steps per transition, step sizes ada
   eager     a careful eager loop with exactly our arithmetic (cached densities, L gradients per
             transition, per-chain step sizes, no host reads), gradients by autograd: what fusing
             and the hand-written gradient gain on their own.
+  matmuls   the floor: only the decoder's six matrix products per leapfrog step (three forward,
+            three backward in z) at the same shapes, which any implementation must do; their
+            ratio to each variant bounds what any implementation could gain over it.
 All run the same schedule and L; the figure is chain-gradient evaluations per second counted as
 C x (T - 1) x L / seconds for all three. "eager" is checked to give our log-weights from the same
 random numbers, "authors" likewise with adaptation off (float64, a few temperatures). Time:
@@ -175,6 +178,23 @@ def authors(model, x, betas, num_leapfrog, step_size, generator, target=0.65, in
     return log_w
 
 
+def matmul_floor(model, c, temps, num_leapfrog, device):
+    """Only the matrix products any implementation of this AIS loop must do: per leapfrog step
+    the decoder's three forward products and the three of its backward in z, at C rows."""
+    dec = model.decoder
+    ws = [m.weight for m in (dec.body[0], dec.body[2], dec.logits)]
+    g = torch.Generator(device=device).manual_seed(3)
+    hs = [torch.randn(c, w.shape[1], device=device, generator=g) for w in ws]
+    gs = [torch.randn(c, w.shape[0], device=device, generator=g) for w in ws]
+
+    def run():
+        for _ in range((temps - 1) * num_leapfrog):
+            for h, gr, w in zip(hs, gs, ws):
+                torch.mm(h, w.t())
+                torch.mm(gr, w)
+    return run
+
+
 def check_equal(device):
     model, x = model_and_data(64, device, torch.float64)
     betas = samplers.sigmoid_schedule(6)
@@ -198,7 +218,8 @@ def throughput(args, device):
         gen = torch.Generator(device=device).manual_seed(0)
         fns = {"iwae_ext": lambda: ours(model, x, betas, args.leapfrog, 0.05, gen),
                "authors": lambda: authors(model, x, betas, args.leapfrog, 0.05, gen),
-               "eager": lambda: eager(model, x, betas, args.leapfrog, 0.05, gen)}
+               "eager": lambda: eager(model, x, betas, args.leapfrog, 0.05, gen),
+               "matmuls": matmul_floor(model, c, args.temps, args.leapfrog, device)}
         times = measure_interleaved(fns, device, rounds=args.rounds, block_seconds=0.0)
         evals = c * (args.temps - 1) * args.leapfrog
         row = {"chains": c, "images": x.shape[0], "temps": args.temps, "leapfrog": args.leapfrog}
@@ -209,6 +230,11 @@ def throughput(args, device):
             ratios = [e / o for e, o in zip(times[name], times["iwae_ext"])]
             row[f"speedup_vs_{name}"] = median(ratios)
             row[f"speedup_vs_{name}_range"] = [min(ratios), max(ratios)]
+        # the matmuls alone: how close ours is to them, and the most any implementation doing
+        # them could gain over the two baselines
+        row["iwae_ext_vs_matmuls"] = median([o / m for o, m in zip(times["iwae_ext"], times["matmuls"])])
+        for name in ("authors", "eager"):
+            row[f"{name}_vs_matmuls"] = median([e / m for e, m in zip(times[name], times["matmuls"])])
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
