@@ -1,4 +1,6 @@
-"""Shared test configuration: the DEVICES list and the hypothesis profiles."""
+"""Shared test configuration: the DEVICES list, the hypothesis profiles, and a small trained
+model with a 2-D latent whose posterior a dense grid gives (AIS and SIR tests)."""
+import math
 import os
 
 import pytest
@@ -6,6 +8,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import iwae_ext
+from iwae_ext.models import VAE
 
 # Every device-parametrised test runs on each of these; CUDA cases skip cleanly when no
 # GPU is visible or the extension was built without CUDA kernels.
@@ -31,3 +34,44 @@ settings.register_profile(
     "dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@pytest.fixture(scope="session")
+def small_2d_model():
+    """A VAE with a 2-D latent trained briefly on 1,000 binarized MNIST images (float64)."""
+    from iwae_ext.data import load_dataset
+    from iwae_ext.objectives import objective
+    torch.manual_seed(7)
+    x = load_dataset("binarized_mnist").split("train")[:1000].double()
+    model = VAE(x_dim=784, latent_dims=(2,), hidden=(64,), x_mean=x.mean(0)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(15):
+        for i in range(0, x.shape[0], 100):
+            loss = -objective(model, x[i:i + 100], 5).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval(), x
+
+
+def grid_log_likelihood(model, x, half_width=6.0, n=601):
+    """log p(x) = log sum over a dense grid of p(x, z) dz (the posterior is well inside it)."""
+    t = torch.linspace(-half_width, half_width, n, dtype=torch.float64)
+    zz = torch.cartesian_prod(t, t)  # [n^2, 2]
+    dz = (t[1] - t[0]) ** 2
+    out = []
+    with torch.no_grad():
+        for xi in x:
+            lj = model.log_joint(xi.unsqueeze(0), zz.unsqueeze(1))[:, 0]
+            out.append(torch.logsumexp(lj, 0) + math.log(dz))
+    return torch.stack(out)
+
+
+def grid_posterior(model, xi, half_width=6.0, n=601):
+    """The posterior p(z|x) of one data point on a dense grid: (z [n^2, 2], probabilities [n^2])."""
+    t = torch.linspace(-half_width, half_width, n, dtype=torch.float64)
+    zz = torch.cartesian_prod(t, t)
+    with torch.no_grad():
+        lj = model.log_joint(xi.unsqueeze(0), zz.unsqueeze(1))[:, 0]
+    return zz, torch.softmax(lj, 0)
+

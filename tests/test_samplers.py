@@ -11,7 +11,7 @@ from iwae_ext import evaluate, samplers
 from iwae_ext.models import VAE
 from iwae_ext.ops import hmc_leapfrog
 
-from conftest import DEVICES
+from conftest import DEVICES, grid_log_likelihood
 
 # A correlated 2-D Gaussian N(mu, S) as the target
 MU = torch.tensor([1.0, -2.0], dtype=torch.float64)
@@ -234,37 +234,6 @@ def test_fast_gradient_refused_where_it_does_not_apply():
     model = VAE(x_dim=6, latent_dims=(3,), hidden=(5,))
     with pytest.raises(ValueError, match="z must have shape \\[2, 3\\]"):
         model.log_joint_and_grad(torch.rand(2, 6), torch.randn(3, 3))
-
-
-@pytest.fixture(scope="module")
-def small_2d_model():
-    """A VAE with a 2-D latent trained briefly on 1,000 binarized MNIST images (float64)."""
-    from iwae_ext.data import load_dataset
-    from iwae_ext.objectives import objective
-    torch.manual_seed(7)
-    x = load_dataset("binarized_mnist").split("train")[:1000].double()
-    model = VAE(x_dim=784, latent_dims=(2,), hidden=(64,), x_mean=x.mean(0)).double()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(15):
-        for i in range(0, x.shape[0], 100):
-            loss = -objective(model, x[i:i + 100], 5).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval(), x
-
-
-def grid_log_likelihood(model, x, half_width=6.0, n=601):
-    """log p(x) = log sum over a dense grid of p(x, z) dz (the posterior is well inside it)."""
-    t = torch.linspace(-half_width, half_width, n, dtype=torch.float64)
-    zz = torch.cartesian_prod(t, t)  # [n^2, 2]
-    dz = (t[1] - t[0]) ** 2
-    out = []
-    with torch.no_grad():
-        for xi in x:
-            lj = model.log_joint(xi.unsqueeze(0), zz.unsqueeze(1))[:, 0]
-            out.append(torch.logsumexp(lj, 0) + math.log(dz))
-    return torch.stack(out)
 
 
 def test_ais_agrees_with_a_dense_grid_and_l5000_stays_below(small_2d_model):

@@ -7,10 +7,12 @@
 - :func:`linear_schedule`, :func:`sigmoid_schedule`: inverse temperatures from 0 to 1.
 - :func:`model_ais_densities`: the initial density and target of AIS for a package model and data,
   with the hand-written decoder gradient where the model allows it.
+- :func:`sir`: sampling-importance-resampling from q_IW (paper 001, Algorithm 1).
 """
 from ._hmc import (AISResult, HMCResult, StepSizeAdaptation, ais, hmc, linear_schedule,
                    sigmoid_schedule)
 from ._model import ModelAIS, model_ais_densities
+from ._sir import sir
 
 __all__ = ["ais", "hmc", "AISResult", "HMCResult", "StepSizeAdaptation", "linear_schedule",
-           "sigmoid_schedule", "ModelAIS", "model_ais_densities"]
+           "sigmoid_schedule", "ModelAIS", "model_ais_densities", "sir"]
