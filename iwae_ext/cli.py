@@ -149,6 +149,9 @@ def eval_main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-point", metavar="PATH", help="also save per-data-point L_k and ELBO (.pt)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--report", metavar="DIR",
+                   help="write the evaluation report into DIR: metrics.json, report.md and the figures "
+                        "(test and train L_k on --limit images each, default 1000)")
     g = p.add_argument_group("AIS (Wu et al. 2017; paper 004's evaluation)")
     g.add_argument("--ais", action="store_true",
                    help="also estimate log p(x) by AIS and report the AIS NLL and the variational gap "
@@ -172,6 +175,22 @@ def eval_main(argv=None) -> int:
     except (DataError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"iwae-eval: error: {e}", file=sys.stderr)
         return 2
+    ais_settings = (dict(num_chains=args.ais_chains, num_temps=args.ais_temps, num_leapfrog=args.ais_leapfrog,
+                         schedule=args.ais_schedule, init=args.ais_init) if args.ais else None)
+    if args.report:
+        import os
+
+        from .report import write_report
+        run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
+        try:
+            m = write_report(model, dataset, args.report, run_dir, args.k, args.limit or 1000, args.batch_size,
+                             args.seed, ais_settings, progress=args.progress)
+        except (ValueError, ImportError) as e:
+            print(f"iwae-eval: error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps({k: v for k, v in m.items() if k != "model"}, indent=1))
+        print(f"iwae-eval: report written to {os.path.join(args.report, 'report.md')}", file=sys.stderr)
+        return 0
     if args.limit:  # a random choice, never a prefix (the test split is sorted by digit)
         x = x[torch.randperm(x.shape[0], generator=gen)[:args.limit]]
     torch.manual_seed(args.seed)

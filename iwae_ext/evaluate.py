@@ -17,7 +17,7 @@ from .ops import logmeanexp
 
 __all__ = ["Bounds", "iwae_log_likelihood", "bounds", "elbo", "active_units",
            "reconstruction_error", "ACTIVE_UNIT_THRESHOLD", "ais_log_likelihood", "AISEstimate",
-           "bdmc", "BDMCResult", "simulate", "log_mean_exp_stderr"]
+           "bdmc", "BDMCResult", "simulate", "log_mean_exp_stderr", "reconstruction_error_qiw"]
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active if Cov_x(E_q[u]) > 0.01
 
@@ -272,3 +272,18 @@ def log_mean_exp_stderr(log_w: Tensor, dim: int = 0) -> Tensor:
     std(w) / (sqrt(S) mean(w)), computed stably)."""
     w = torch.exp(log_w - log_w.amax(dim, keepdim=True))
     return w.std(dim) / (math.sqrt(log_w.shape[dim]) * w.mean(dim))
+
+
+@torch.no_grad()
+def reconstruction_error_qiw(model, x: Tensor, k: int = 100, batch_size: int = 100) -> Tensor:
+    """-log p(x | z) per data point [N] with z one draw from q_IW(z|x) with k proposals (paper
+    001: reconstructions through importance resampling rather than the encoder alone)."""
+    from .samplers import sir
+    _check(x, k, batch_size)
+    p = _param(model)
+    out = []
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start:start + batch_size].to(device=p.device, dtype=p.dtype)
+        z = sir(model, xb, k)  # [1, B, Z]
+        out.append(-model.log_likelihood(xb, z)[0].double().cpu())
+    return torch.cat(out)

@@ -1,4 +1,6 @@
-"""Figures (PNG, matplotlib): the 2-D latent manifold, samples, reconstructions.
+"""Figures (PNG, matplotlib): the 2-D latent manifold, samples, reconstructions from q and from
+q_IW, posterior contours (true, q, q_IW), training curves. Each function returns the data it
+plotted, so tests check the data rather than pixels.
 
     python -m iwae_ext.plots manifold RUN_DIR_OR_CHECKPOINT --out manifold.png [--n 20]
     python -m iwae_ext.plots samples RUN_DIR_OR_CHECKPOINT --out samples.png
@@ -11,7 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["manifold_grid", "tile", "save_image_grid", "manifold", "samples"]
+__all__ = ["manifold_grid", "tile", "save_image_grid", "manifold", "samples", "reconstructions",
+           "posterior_contours", "training_curves"]
 
 
 def _pyplot():
@@ -79,6 +82,102 @@ def samples(model, image_shape: tuple[int, int], path: str, n: int = 100, seed: 
     x = model.sample(n, mean=True, generator=torch.Generator(next(model.parameters()).device).manual_seed(seed))
     save_image_grid(tile(x, image_shape), path)
     return x
+
+
+@torch.no_grad()
+def reconstructions(model, x: Tensor, image_shape: tuple[int, int], path: str, k: int = 100,
+                    generator: torch.Generator | None = None) -> dict:
+    """Three rows: the data, the decoder mean at one z ~ q(z|x), and at one z ~ q_IW(z|x) with k
+    proposals (paper 001, fig. 3). Returns {"data", "from_q", "from_q_iw"}, each [B, D]."""
+    from .samplers import sir
+    p = next(model.parameters())
+    x = x.to(device=p.device, dtype=p.dtype)
+    z_q = sir(model, x, 1, generator=generator)[0]
+    z_iw = sir(model, x, k, generator=generator)[0]
+    rows = {"data": x, "from_q": model.decoder.mean(model.decode(z_q)),
+            "from_q_iw": model.decoder.mean(model.decode(z_iw))}
+    plt = _pyplot()
+    fig, axes = plt.subplots(3, 1, figsize=(x.shape[0] * 0.6 + 1, 3 * 0.75 + 0.8), dpi=100)
+    labels = ("data", "from q (one sample)", f"from q_IW (k = {k})")
+    for ax, (name, imgs), label in zip(axes, rows.items(), labels):
+        ax.imshow(tile(imgs, image_shape, x.shape[0]).numpy(), cmap="gray", vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle("Reconstructions: encoder q against importance-resampled q_IW", fontsize=9)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return {name: t.cpu() for name, t in rows.items()}
+
+
+@torch.no_grad()
+def posterior_contours(model, x: Tensor, path: str, ks=(1, 10, 100), num_samples: int = 20000,
+                       half_width: float = 4.0, n: int = 121, generator: torch.Generator | None = None,
+                       max_rows: int = 50_000) -> dict:
+    """For one data point x [D] of a model with a 2-D latent: the true posterior p(z|x) on an
+    n x n grid (exact up to the grid), q(z|x) on the same grid, and q_IW for each k as a 2-D
+    histogram of ``num_samples`` SIR draws (papers 001, 004; at most ``max_rows`` proposals
+    through the decoder at once). The panels share the axes around
+    the posterior mean. Returns {"grid": [n], "posterior": [n, n], "q": [n, n],
+    "q_iw": {k: [n, n]}} (probability per grid cell, rows = second coordinate)."""
+    from .samplers import sir
+    if tuple(model.latent_dims) != (2,):
+        raise ValueError(f"posterior_contours needs one stochastic layer of width 2, got {model.latent_dims}")
+    p = next(model.parameters())
+    x = x.reshape(1, -1).to(device=p.device, dtype=p.dtype)
+    q = model.posterior(x)
+    centre = q.loc[0].double().cpu()
+    axes_t = [torch.linspace(float(c) - half_width, float(c) + half_width, n, dtype=torch.float64) for c in centre]
+    zy, zx = torch.meshgrid(axes_t[1], axes_t[0], indexing="ij")
+    zz = torch.stack([zx.reshape(-1), zy.reshape(-1)], -1).to(device=p.device, dtype=p.dtype)
+    post = torch.softmax(model.log_joint(x, zz.unsqueeze(1))[:, 0].double(), 0).reshape(n, n).cpu()
+    qd = torch.softmax(q.log_prob(zz.unsqueeze(1))[:, 0].double(), 0).reshape(n, n).cpu()
+    step = [float(a[1] - a[0]) for a in axes_t]
+    edges = [torch.cat([a - s / 2, a[-1:] + s / 2]) for a, s in zip(axes_t, step)]
+    q_iw = {}
+    for k in ks:
+        chunk = max(1, max_rows // k)  # SIR draws per call: k * chunk rows through the decoder
+        z = torch.cat([sir(model, x.expand(min(chunk, num_samples - i), -1), k, generator=generator)[0]
+                       for i in range(0, num_samples, chunk)]).double().cpu()
+        h = torch.histogramdd(z[:, [1, 0]].contiguous(), bins=[edges[1], edges[0]])[0]
+        q_iw[k] = h / num_samples
+    plt = _pyplot()
+    panels = [("true posterior p(z|x)", post), ("q(z|x)", qd)] + [(f"q_IW, k = {k}", q_iw[k]) for k in ks]
+    fig, axs = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2), dpi=100, sharex=True, sharey=True)
+    for ax, (title, grid) in zip(axs, panels):
+        ax.contourf(axes_t[0].numpy(), axes_t[1].numpy(), grid.numpy(), levels=12, cmap="viridis")
+        ax.contour(axes_t[0].numpy(), axes_t[1].numpy(), post.numpy(), levels=5, colors="white", linewidths=0.6)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("z1")
+    axs[0].set_ylabel("z2")
+    fig.suptitle("Posterior of one image (white: true posterior contours)", fontsize=9)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return {"grid": axes_t, "posterior": post, "q": qd, "q_iw": q_iw}
+
+
+def training_curves(records, path: str) -> dict:
+    """The mean training bound per epoch from ``metrics.jsonl`` records (a path or a list of
+    dicts). Returns {"epoch": [...], "train_bound": [...]}."""
+    import json
+    if isinstance(records, str):
+        with open(records) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    if not records:
+        raise ValueError("training_curves: no epochs recorded")
+    epochs = [r["epoch"] for r in records]
+    bound = [r["train_bound"] for r in records]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.plot(epochs, bound, marker="o", markersize=2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean training bound (nats)")
+    ax.set_title(records[-1].get("objective", "training"), fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return {"epoch": epochs, "train_bound": bound}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,112 @@
+"""The evaluation report of a trained run: ``iwae-eval CHECKPOINT --report DIR``.
+
+Writes into DIR: ``metrics.json``, ``report.md`` (test and train L_k, ELBO, AIS NLL when asked,
+variational and generalisation gaps, active units, reconstruction errors from the encoder mean
+and from q_IW) and the figures: samples, reconstructions from q and q_IW, the training curve
+(when the run's ``metrics.jsonl`` is there) and, for a 2-D latent, the manifold and the posterior
+contours of one test image (true, q, q_IW for k = 1, 10, 100).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+from . import evaluate, plots
+
+
+def _mean_se(t: torch.Tensor) -> tuple[float, float | None]:
+    return float(t.mean()), (float(t.std() / math.sqrt(t.numel())) if t.numel() > 1 else None)
+
+
+def write_report(model, dataset, out_dir: str, run_dir: str | None = None, k: int = 5000, limit: int = 1000,
+                 batch_size: int = 100, seed: int = 0, ais: dict | None = None, qiw_k: int = 100,
+                 progress: bool = False) -> dict:
+    """Evaluate ``model`` on ``limit`` test and train images (a seeded random choice; 0 = all)
+    and write the report, figures and metrics into ``out_dir``. ``ais``: keyword arguments of
+    :func:`iwae_ext.evaluate.ais_log_likelihood` to add the AIS NLL (None: no AIS). Returns the
+    metrics."""
+    os.makedirs(out_dir, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+
+    def pick(split):
+        x = dataset.batch(split, slice(None), gen)
+        if limit and limit < x.shape[0]:
+            x = x[torch.randperm(x.shape[0], generator=gen)[:limit]]
+        return x
+
+    x_test, x_train = pick("test"), pick("train")
+    test = evaluate.bounds(model, x_test, k, batch_size, progress=progress)
+    train = evaluate.bounds(model, x_train, k, batch_size, progress=progress)
+    m = {"n_test": x_test.shape[0], "n_train": x_train.shape[0], "k": k, "model": model.config}
+    m["test_log_likelihood"], m["test_log_likelihood_stderr"] = _mean_se(test.log_likelihood)
+    m["train_log_likelihood"], m["train_log_likelihood_stderr"] = _mean_se(train.log_likelihood)
+    m["test_elbo"], m["train_elbo"] = float(test.elbo.mean()), float(train.elbo.mean())
+    m["variational_gap_test"] = m["test_log_likelihood"] - m["test_elbo"]
+    m["generalization_gap"] = m["train_log_likelihood"] - m["test_log_likelihood"]
+    m["active_units"] = evaluate.active_units(model, x_test)["active"]
+    m["reconstruction_error_mean"] = float(evaluate.reconstruction_error(model, x_test).mean())
+    m["reconstruction_error_qiw"] = float(evaluate.reconstruction_error_qiw(model, x_test, qiw_k, batch_size).mean())
+    m["qiw_k"] = qiw_k
+    if ais is not None:
+        a = evaluate.ais_log_likelihood(model, x_test, batch_size=batch_size, progress=progress,
+                                        return_details=True, **ais)
+        m["ais_log_likelihood"], m["ais_log_likelihood_stderr"] = _mean_se(a.log_likelihood)
+        m["ais_nll"] = -m["ais_log_likelihood"]
+        m["variational_gap_ais"] = float((a.log_likelihood - test.log_likelihood).mean())
+        m["ais"] = dict(ais)
+    figures = {}
+    shape = tuple(dataset.image_shape) if len(dataset.image_shape) == 2 else None
+    if shape is not None:
+        plots.samples(model, shape, os.path.join(out_dir, "samples.png"), 64, seed)
+        figures["samples.png"] = "64 samples from the model (decoder means)"
+        plots.reconstructions(model, x_test[:10], shape, os.path.join(out_dir, "reconstructions.png"), qiw_k,
+                              torch.Generator(next(model.parameters()).device).manual_seed(seed))
+        figures["reconstructions.png"] = f"10 test images, reconstructed from q and from q_IW (k = {qiw_k})"
+        if tuple(model.latent_dims) == (2,) and model.random_weights == "none":
+            plots.manifold(model, shape, os.path.join(out_dir, "manifold.png"), 20, "decoder means on the 2-D latent grid")
+            figures["manifold.png"] = "the 2-D latent manifold"
+    if tuple(model.latent_dims) == (2,) and model.random_weights == "none":
+        plots.posterior_contours(model, x_test[0], os.path.join(out_dir, "posterior.png"),
+                                 generator=torch.Generator(next(model.parameters()).device).manual_seed(seed))
+        figures["posterior.png"] = "posterior of one test image: true (grid), q, q_IW for k = 1, 10, 100"
+    curve = os.path.join(run_dir, "metrics.jsonl") if run_dir and os.path.isdir(run_dir) else None
+    if curve and os.path.isfile(curve):
+        plots.training_curves(curve, os.path.join(out_dir, "training_curves.png"))
+        figures["training_curves.png"] = "mean training bound per epoch"
+    m["figures"] = figures
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(m, f, indent=1)
+        f.write("\n")
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(_markdown(m))
+    return m
+
+
+def _markdown(m: dict) -> str:
+    def se(v):
+        return f" +- {v:.2f}" if v is not None else ""
+    rows = [
+        ("test L_k (log-likelihood estimate)", f"{m['test_log_likelihood']:.2f}{se(m['test_log_likelihood_stderr'])}"),
+        ("train L_k", f"{m['train_log_likelihood']:.2f}{se(m['train_log_likelihood_stderr'])}"),
+        ("test ELBO", f"{m['test_elbo']:.2f}"), ("train ELBO", f"{m['train_elbo']:.2f}"),
+        ("variational gap (L_k - ELBO, test)", f"{m['variational_gap_test']:.2f}"),
+        ("generalisation gap (train L_k - test L_k)", f"{m['generalization_gap']:.2f}"),
+        ("active units", " / ".join(str(a) for a in m["active_units"])),
+        ("reconstruction error, encoder mean (-log p(x|z))", f"{m['reconstruction_error_mean']:.2f}"),
+        (f"reconstruction error, q_IW (k = {m['qiw_k']})", f"{m['reconstruction_error_qiw']:.2f}"),
+    ]
+    if "ais_nll" in m:
+        rows += [("AIS NLL (test)", f"{m['ais_nll']:.2f}{se(m['ais_log_likelihood_stderr'])}"),
+                 ("variational gap (AIS log-likelihood - L_k)", f"{m['variational_gap_ais']:.2f}")]
+    out = ["# Evaluation report", "",
+           f"k = {m['k']} importance samples; {m['n_test']} test and {m['n_train']} train images "
+           f"(a seeded random choice). Values in nats per image; +- is the standard error over images.", "",
+           "| metric | value |", "| --- | ---: |"]
+    out += [f"| {a} | {b} |" for a, b in rows]
+    out += ["", "## Figures", ""]
+    out += [f"- ![{name}]({name}) {desc}" for name, desc in m["figures"].items()]
+    return "\n".join(out) + "\n"
