@@ -37,7 +37,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, measure_interleaved, median, save, synchronize  # noqa: E402
+from common import device_name, measure_interleaved, median, save, status_bytes, synchronize  # noqa: E402
 
 import iwae_ext  # noqa: E402
 from iwae_ext import samplers  # noqa: E402
@@ -251,14 +251,6 @@ def full_test_set_estimate(rows, temps=10000, leapfrog=10, images=10000):
 
 # --- AIWAE training step memory -------------------------------------------------------------------
 
-def _status_bytes(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def memory_child(device, temps, leapfrog):
     from iwae_ext.objectives import aiwae_step
     torch.manual_seed(0)
@@ -280,9 +272,9 @@ def memory_child(device, temps, leapfrog):
         once()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    before = _status_bytes("VmRSS")
+    before = status_bytes("VmRSS")
     once()
-    return max(0, _status_bytes("VmHWM") - before)
+    return max(0, status_bytes("VmHWM") - before)
 
 
 def memory(device):

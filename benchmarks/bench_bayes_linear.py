@@ -28,7 +28,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, measure, measure_interleaved, median, save  # noqa: E402
+from common import device_name, measure, measure_interleaved, median, save, status_bytes  # noqa: E402
 
 import iwae_ext  # noqa: E402
 from iwae_ext.ops import bayes_linear, reference  # noqa: E402
@@ -78,21 +78,13 @@ def cpu_peak_memory(variant, m, n_in, n_out):
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def _status_bytes(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def child(variant, m, n_in, n_out):
     x, params, eps, g = inputs(1, n_in, n_out, "cpu")
     step(variant, x, params, eps, g)  # load the libraries' lazy state on a one-row problem
     x, params, eps, g = inputs(m, n_in, n_out, "cpu", seed=1)
-    before = _status_bytes("VmRSS")
+    before = status_bytes("VmRSS")
     step(variant, x, params, eps, g)
-    print(max(0, _status_bytes("VmHWM") - before))
+    print(max(0, status_bytes("VmHWM") - before))
 
 
 def main():

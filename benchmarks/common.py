@@ -89,6 +89,15 @@ def median(values):
     return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
+def status_bytes(key: str) -> int:
+    """A field of /proc/self/status in bytes (VmRSS: resident now; VmHWM: its peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
 def save(payload: dict, device: str, name: str, out: str | None) -> str:
     payload = dict(payload)
     payload.setdefault("device", device_name(device))

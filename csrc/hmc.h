@@ -18,6 +18,8 @@
 #include <cmath>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
@@ -124,4 +126,64 @@ inline void accept(const at::Tensor& z0, const at::Tensor& z1, const at::Tensor&
 }
 
 }  // namespace hmc_checks
+
+// Each op's checked, contiguous inputs and freshly allocated outputs: what the CPU and CUDA
+// wrappers share before they launch their kernels.
+struct LeapfrogIO {
+  at::Tensor z, p, g, step, z_out, p_out;
+};
+
+inline LeapfrogIO leapfrog_io(const at::Tensor& z, const at::Tensor& p, const at::Tensor& grad_u,
+                              const at::Tensor& step_size, double kick) {
+  hmc_checks::leapfrog(z, p, grad_u, step_size, kick, "hmc_leapfrog");
+  LeapfrogIO io{z.contiguous(), p.contiguous(), grad_u.contiguous(), step_size.contiguous(), {}, {}};
+  io.z_out = at::empty_like(io.z);
+  io.p_out = at::empty_like(io.p);
+  return io;
+}
+
+struct LeapfrogBackwardIO {
+  at::Tensor gz, gp, p_out, g, step, dz, dp, dg, dstep;
+};
+
+inline LeapfrogBackwardIO leapfrog_backward_io(const at::Tensor& grad_z, const at::Tensor& grad_p,
+                                               const at::Tensor& p_out, const at::Tensor& grad_u,
+                                               const at::Tensor& step_size, double kick) {
+  constexpr const char* op = "hmc_leapfrog_backward";
+  hmc_checks::leapfrog(grad_z, grad_p, grad_u, step_size, kick, op, "grad_z", "grad_p");
+  hmc_checks::like_z(p_out, grad_z, op, "p_out", "grad_z");
+  LeapfrogBackwardIO io{grad_z.contiguous(), grad_p.contiguous(), p_out.contiguous(),
+                        grad_u.contiguous(), step_size.contiguous(), {}, {}, {}, {}};
+  io.dz = at::empty_like(io.gz);
+  io.dp = at::empty_like(io.gz);
+  io.dg = at::empty_like(io.gz);
+  io.dstep = at::empty_like(io.step);
+  return io;
+}
+
+struct AcceptIO {
+  at::Tensor in[9];  // z0, z1, p0, p1, u0, u1, log_uniform, step_size, accept_avg
+  at::Tensor z, u, accepted, step, avg;
+  HmcAdapt adapt;
+};
+
+inline AcceptIO accept_io(const at::Tensor& z0, const at::Tensor& z1, const at::Tensor& p0,
+                          const at::Tensor& p1, const at::Tensor& u0, const at::Tensor& u1,
+                          const at::Tensor& log_uniform, const at::Tensor& step_size,
+                          const at::Tensor& accept_avg, double target_accept, double decay,
+                          double inc, double dec, double min_step, double max_step, bool adapt) {
+  const HmcAdapt settings{target_accept, decay, inc, dec, min_step, max_step, adapt};
+  hmc_checks::accept(z0, z1, p0, p1, u0, u1, log_uniform, step_size, accept_avg, settings);
+  AcceptIO io{{z0.contiguous(), z1.contiguous(), p0.contiguous(), p1.contiguous(), u0.contiguous(),
+               u1.contiguous(), log_uniform.contiguous(), step_size.contiguous(),
+               accept_avg.contiguous()},
+              {}, {}, {}, {}, {}, settings};
+  io.z = at::empty_like(io.in[0]);
+  io.u = at::empty_like(io.in[4]);
+  io.accepted = at::empty({z0.size(0)}, z0.options().dtype(at::kBool));
+  io.step = at::empty_like(io.in[7]);
+  io.avg = at::empty_like(io.in[8]);
+  return io;
+}
+
 }  // namespace iwae_ext

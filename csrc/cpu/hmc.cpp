@@ -3,8 +3,6 @@
 // double.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -126,46 +124,34 @@ std::tuple<at::Tensor, at::Tensor> hmc_leapfrog_cpu(const at::Tensor& z, const a
                                                     const at::Tensor& grad_u,
                                                     const at::Tensor& step_size, double kick,
                                                     bool drift) {
-  hmc_checks::leapfrog(z, p, grad_u, step_size, kick, "hmc_leapfrog");
-  const at::Tensor zc = z.contiguous(), pc = p.contiguous(), gc = grad_u.contiguous(),
-                   sc = step_size.contiguous();
-  at::Tensor z_out = at::empty_like(zc), p_out = at::empty_like(pc);
+  LeapfrogIO io = leapfrog_io(z, p, grad_u, step_size, kick);
   const int64_t C = z.size(0), D = z.size(1);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "hmc_leapfrog", [&] {
-    const scalar_t* zp = zc.const_data_ptr<scalar_t>();
-    const scalar_t* pp = pc.const_data_ptr<scalar_t>();
-    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
-    const scalar_t* sp = sc.const_data_ptr<scalar_t>();
-    scalar_t* zo = z_out.data_ptr<scalar_t>();
-    scalar_t* po = p_out.data_ptr<scalar_t>();
     at::parallel_for(0, C, chain_grain(D), [&](int64_t c0, int64_t c1) {
-      hmc_leapfrog_rows(zp, pp, gp, sp, scalar_t(kick), drift, zo, po, D, c0, c1);
+      hmc_leapfrog_rows(io.z.const_data_ptr<scalar_t>(), io.p.const_data_ptr<scalar_t>(),
+                        io.g.const_data_ptr<scalar_t>(), io.step.const_data_ptr<scalar_t>(),
+                        scalar_t(kick), drift, io.z_out.data_ptr<scalar_t>(),
+                        io.p_out.data_ptr<scalar_t>(), D, c0, c1);
     });
   });
-  return {z_out, p_out};
+  return {io.z_out, io.p_out};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hmc_leapfrog_backward_cpu(
     const at::Tensor& grad_z, const at::Tensor& grad_p, const at::Tensor& p_out,
     const at::Tensor& grad_u, const at::Tensor& step_size, double kick, bool drift) {
-  constexpr const char* op = "hmc_leapfrog_backward";
-  hmc_checks::leapfrog(grad_z, grad_p, grad_u, step_size, kick, op, "grad_z", "grad_p");
-  hmc_checks::like_z(p_out, grad_z, op, "p_out", "grad_z");
-  const at::Tensor gzc = grad_z.contiguous(), gpc = grad_p.contiguous(), poc = p_out.contiguous(),
-                   gc = grad_u.contiguous(), sc = step_size.contiguous();
-  at::Tensor dz = at::empty_like(gzc), dp = at::empty_like(gzc), dg = at::empty_like(gzc),
-             ds = at::empty_like(sc);
-  const int64_t C = p_out.size(0), D = p_out.size(1);
-  AT_DISPATCH_FLOATING_TYPES(p_out.scalar_type(), op, [&] {
+  LeapfrogBackwardIO io = leapfrog_backward_io(grad_z, grad_p, p_out, grad_u, step_size, kick);
+  const int64_t C = grad_z.size(0), D = grad_z.size(1);
+  AT_DISPATCH_FLOATING_TYPES(grad_z.scalar_type(), "hmc_leapfrog_backward", [&] {
     at::parallel_for(0, C, chain_grain(D), [&](int64_t c0, int64_t c1) {
-      hmc_leapfrog_backward_rows(gzc.const_data_ptr<scalar_t>(), gpc.const_data_ptr<scalar_t>(),
-                                 poc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
-                                 sc.const_data_ptr<scalar_t>(), scalar_t(kick), drift,
-                                 dz.data_ptr<scalar_t>(), dp.data_ptr<scalar_t>(),
-                                 dg.data_ptr<scalar_t>(), ds.data_ptr<scalar_t>(), D, c0, c1);
+      hmc_leapfrog_backward_rows(io.gz.const_data_ptr<scalar_t>(), io.gp.const_data_ptr<scalar_t>(),
+                                 io.p_out.const_data_ptr<scalar_t>(), io.g.const_data_ptr<scalar_t>(),
+                                 io.step.const_data_ptr<scalar_t>(), scalar_t(kick), drift,
+                                 io.dz.data_ptr<scalar_t>(), io.dp.data_ptr<scalar_t>(),
+                                 io.dg.data_ptr<scalar_t>(), io.dstep.data_ptr<scalar_t>(), D, c0, c1);
     });
   });
-  return {dz, dp, dg, ds};
+  return {io.dz, io.dp, io.dg, io.dstep};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hmc_accept_cpu(
@@ -173,25 +159,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hmc_accep
     const at::Tensor& u0, const at::Tensor& u1, const at::Tensor& log_uniform,
     const at::Tensor& step_size, const at::Tensor& accept_avg, double target_accept,
     double decay, double inc, double dec, double min_step, double max_step, bool adapt) {
-  const HmcAdapt s{target_accept, decay, inc, dec, min_step, max_step, adapt};
-  hmc_checks::accept(z0, z1, p0, p1, u0, u1, log_uniform, step_size, accept_avg, s);
-  const at::Tensor c[] = {z0.contiguous(), z1.contiguous(), p0.contiguous(), p1.contiguous(),
-                          u0.contiguous(), u1.contiguous(), log_uniform.contiguous(),
-                          step_size.contiguous(), accept_avg.contiguous()};
+  AcceptIO io = accept_io(z0, z1, p0, p1, u0, u1, log_uniform, step_size, accept_avg, target_accept,
+                          decay, inc, dec, min_step, max_step, adapt);
   const int64_t C = z0.size(0), D = z0.size(1);
-  at::Tensor z_out = at::empty_like(c[0]), u_out = at::empty_like(c[4]),
-             accepted = at::empty({C}, z0.options().dtype(at::kBool)),
-             step_out = at::empty_like(c[7]), avg_out = at::empty_like(c[8]);
   AT_DISPATCH_FLOATING_TYPES(z0.scalar_type(), "hmc_accept", [&] {
-    const auto in = [&](int i) { return c[i].const_data_ptr<scalar_t>(); };
+    const auto in = [&](int i) { return io.in[i].const_data_ptr<scalar_t>(); };
     at::parallel_for(0, C, chain_grain(2 * D), [&](int64_t c0, int64_t c1) {
-      hmc_accept_rows(in(0), in(1), in(2), in(3), in(4), in(5), in(6), in(7), in(8), s,
-                      z_out.data_ptr<scalar_t>(), u_out.data_ptr<scalar_t>(),
-                      accepted.data_ptr<bool>(), step_out.data_ptr<scalar_t>(),
-                      avg_out.data_ptr<scalar_t>(), D, c0, c1);
+      hmc_accept_rows(in(0), in(1), in(2), in(3), in(4), in(5), in(6), in(7), in(8), io.adapt,
+                      io.z.data_ptr<scalar_t>(), io.u.data_ptr<scalar_t>(),
+                      io.accepted.data_ptr<bool>(), io.step.data_ptr<scalar_t>(),
+                      io.avg.data_ptr<scalar_t>(), D, c0, c1);
     });
   });
-  return {z_out, u_out, accepted, step_out, avg_out};
+  return {io.z, io.u, io.accepted, io.step, io.avg};
 }
 
 }  // namespace

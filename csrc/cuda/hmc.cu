@@ -7,8 +7,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -125,49 +123,40 @@ std::tuple<at::Tensor, at::Tensor> hmc_leapfrog_cuda(const at::Tensor& z, const 
                                                      const at::Tensor& grad_u,
                                                      const at::Tensor& step_size, double kick,
                                                      bool drift) {
-  hmc_checks::leapfrog(z, p, grad_u, step_size, kick, "hmc_leapfrog");
   check_cuda(z, "hmc_leapfrog");
   c10::cuda::CUDAGuard guard(z.device());
-  const at::Tensor zc = z.contiguous(), pc = p.contiguous(), gc = grad_u.contiguous(),
-                   sc = step_size.contiguous();
-  at::Tensor z_out = at::empty_like(zc), p_out = at::empty_like(pc);
+  LeapfrogIO io = leapfrog_io(z, p, grad_u, step_size, kick);
   const int64_t n = z.numel();
-  if (n == 0) return {z_out, p_out};
+  if (n == 0) return {io.z_out, io.p_out};
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "hmc_leapfrog", [&] {
     leapfrog_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-        zc.const_data_ptr<scalar_t>(), pc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
-        sc.const_data_ptr<scalar_t>(), scalar_t(kick), drift, z_out.data_ptr<scalar_t>(),
-        p_out.data_ptr<scalar_t>(), z.size(1), n);
+        io.z.const_data_ptr<scalar_t>(), io.p.const_data_ptr<scalar_t>(), io.g.const_data_ptr<scalar_t>(),
+        io.step.const_data_ptr<scalar_t>(), scalar_t(kick), drift, io.z_out.data_ptr<scalar_t>(),
+        io.p_out.data_ptr<scalar_t>(), z.size(1), n);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {z_out, p_out};
+  return {io.z_out, io.p_out};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hmc_leapfrog_backward_cuda(
     const at::Tensor& grad_z, const at::Tensor& grad_p, const at::Tensor& p_out,
     const at::Tensor& grad_u, const at::Tensor& step_size, double kick, bool drift) {
-  constexpr const char* op = "hmc_leapfrog_backward";
-  hmc_checks::leapfrog(grad_z, grad_p, grad_u, step_size, kick, op, "grad_z", "grad_p");
-  hmc_checks::like_z(p_out, grad_z, op, "p_out", "grad_z");
-  check_cuda(grad_z, op);
+  check_cuda(grad_z, "hmc_leapfrog_backward");
   c10::cuda::CUDAGuard guard(grad_z.device());
-  const at::Tensor gzc = grad_z.contiguous(), gpc = grad_p.contiguous(), poc = p_out.contiguous(),
-                   gc = grad_u.contiguous(), sc = step_size.contiguous();
-  at::Tensor dz = at::empty_like(gzc), dp = at::empty_like(gzc), dg = at::empty_like(gzc),
-             ds = at::empty_like(sc);
+  LeapfrogBackwardIO io = leapfrog_backward_io(grad_z, grad_p, p_out, grad_u, step_size, kick);
   const int64_t C = grad_z.size(0), D = grad_z.size(1);
-  if (C == 0) return {dz, dp, dg, ds};
+  if (C == 0) return {io.dz, io.dp, io.dg, io.dstep};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(grad_z.scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES(grad_z.scalar_type(), "hmc_leapfrog_backward", [&] {
     leapfrog_backward_kernel<scalar_t><<<blocks_for_chains(C), kThreads, 0, stream>>>(
-        gzc.const_data_ptr<scalar_t>(), gpc.const_data_ptr<scalar_t>(), poc.const_data_ptr<scalar_t>(),
-        gc.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(), scalar_t(kick), drift,
-        dz.data_ptr<scalar_t>(), dp.data_ptr<scalar_t>(), dg.data_ptr<scalar_t>(),
-        ds.data_ptr<scalar_t>(), C, D);
+        io.gz.const_data_ptr<scalar_t>(), io.gp.const_data_ptr<scalar_t>(),
+        io.p_out.const_data_ptr<scalar_t>(), io.g.const_data_ptr<scalar_t>(),
+        io.step.const_data_ptr<scalar_t>(), scalar_t(kick), drift, io.dz.data_ptr<scalar_t>(),
+        io.dp.data_ptr<scalar_t>(), io.dg.data_ptr<scalar_t>(), io.dstep.data_ptr<scalar_t>(), C, D);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {dz, dp, dg, ds};
+  return {io.dz, io.dp, io.dg, io.dstep};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hmc_accept_cuda(
@@ -175,28 +164,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hmc_accep
     const at::Tensor& u0, const at::Tensor& u1, const at::Tensor& log_uniform,
     const at::Tensor& step_size, const at::Tensor& accept_avg, double target_accept,
     double decay, double inc, double dec, double min_step, double max_step, bool adapt) {
-  const HmcAdapt s{target_accept, decay, inc, dec, min_step, max_step, adapt};
-  hmc_checks::accept(z0, z1, p0, p1, u0, u1, log_uniform, step_size, accept_avg, s);
   check_cuda(z0, "hmc_accept");
   c10::cuda::CUDAGuard guard(z0.device());
-  const at::Tensor c[] = {z0.contiguous(), z1.contiguous(), p0.contiguous(), p1.contiguous(),
-                          u0.contiguous(), u1.contiguous(), log_uniform.contiguous(),
-                          step_size.contiguous(), accept_avg.contiguous()};
+  AcceptIO io = accept_io(z0, z1, p0, p1, u0, u1, log_uniform, step_size, accept_avg, target_accept,
+                          decay, inc, dec, min_step, max_step, adapt);
   const int64_t C = z0.size(0), D = z0.size(1);
-  at::Tensor z_out = at::empty_like(c[0]), u_out = at::empty_like(c[4]),
-             accepted = at::empty({C}, z0.options().dtype(at::kBool)),
-             step_out = at::empty_like(c[7]), avg_out = at::empty_like(c[8]);
-  if (C == 0) return {z_out, u_out, accepted, step_out, avg_out};
+  if (C == 0) return {io.z, io.u, io.accepted, io.step, io.avg};
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(z0.scalar_type(), "hmc_accept", [&] {
-    const auto in = [&](int i) { return c[i].const_data_ptr<scalar_t>(); };
+    const auto in = [&](int i) { return io.in[i].const_data_ptr<scalar_t>(); };
     accept_kernel<scalar_t><<<blocks_for_chains(C), kThreads, 0, stream>>>(
-        in(0), in(1), in(2), in(3), in(4), in(5), in(6), in(7), in(8), s,
-        z_out.data_ptr<scalar_t>(), u_out.data_ptr<scalar_t>(), accepted.data_ptr<bool>(),
-        step_out.data_ptr<scalar_t>(), avg_out.data_ptr<scalar_t>(), C, D);
+        in(0), in(1), in(2), in(3), in(4), in(5), in(6), in(7), in(8), io.adapt,
+        io.z.data_ptr<scalar_t>(), io.u.data_ptr<scalar_t>(), io.accepted.data_ptr<bool>(),
+        io.step.data_ptr<scalar_t>(), io.avg.data_ptr<scalar_t>(), C, D);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {z_out, u_out, accepted, step_out, avg_out};
+  return {io.z, io.u, io.accepted, io.step, io.avg};
 }
 
 }  // namespace
