@@ -118,8 +118,9 @@ def aiwae_step(model, x: Tensor, k: int, betas: Tensor, num_leapfrog: int, step_
     b = x.shape[0]
     with torch.no_grad():
         dens = model_ais_densities(model, x, k, "posterior", True, generator)
+        # a few temperatures per step: capturing a CUDA graph each step would cost more than it saves
         res = ais(None, None, dens.z0, betas, num_leapfrog, grad_fn=dens.grad_fn, generator=generator,
-                  temperature_step_sizes=step_sizes)
+                  temperature_step_sizes=step_sizes, cuda_graph=False)
         log_w = res.log_weights.view(k, b)
         w = torch.softmax(log_w, 0).to(x.dtype)
         bound = logmeanexp(log_w, 0)
