@@ -35,10 +35,10 @@ def train_parser() -> argparse.ArgumentParser:
                     "With no flags: IWAE k=5, 784-200-200-50 tanh, 30 epochs on the bundled "
                     "binarized MNIST, test L_5000.")
     a = p.add_argument
-    a("--model", choices=["vae", "iwae", "iwaer", "iwaer_rec", "aiwae"], default=S,
+    a("--model", choices=["vae", "iwae", "iwaer", "iwaer_rec", "aiwae", "ae"], default=S,
       help=f"VAE (ELBO), IWAE (IWAE bound), IWAER / IWAER_rec (random decoder and encoder weights / "
-           f"random encoder weights, paper 000), AIWAE (annealed importance weights, paper 004) "
-           f"(default {d.model})")
+           f"random encoder weights, paper 000), AIWAE (annealed importance weights, paper 004), "
+           f"AE (vanilla autoencoder on squared error, paper 003) (default {d.model})")
     a("--k", type=int, default=S, help=f"importance samples per data point (default {d.k})")
     a("--layers", type=int, choices=[1, 2], default=S, help="stochastic layers (default 1)")
     a("--hidden", type=_hidden, default=S,
@@ -119,6 +119,11 @@ def train_main(argv=None) -> int:
     if metrics.get("stopped"):
         return 130
     t = metrics["timings"]
+    if "test_mse" in metrics:  # an autoencoder: no likelihood
+        print(f"test reconstruction MSE {metrics['test_mse']:.5f} per pixel (squared error "
+              f"{metrics['test_squared_error']:.2f} per image, {metrics['n_test']} test images); train MSE "
+              f"{metrics['train_mse']:.5f}; {t['seconds_per_epoch']:.1f} s/epoch; run in {args['out']}")
+        return 0
     print(f"test log-likelihood L_{metrics['eval_k']}: {metrics['test_log_likelihood']:.2f} nats "
           f"(+- {metrics['test_log_likelihood_stderr']:.2f}, {metrics['n_test']} test images); "
           f"test ELBO {metrics['test_elbo']:.2f}; train L_{metrics['eval_k']} "

@@ -17,7 +17,8 @@ from .ops import logmeanexp
 
 __all__ = ["Bounds", "iwae_log_likelihood", "bounds", "elbo", "active_units",
            "reconstruction_error", "ACTIVE_UNIT_THRESHOLD", "ais_log_likelihood", "AISEstimate",
-           "bdmc", "BDMCResult", "simulate", "log_mean_exp_stderr", "reconstruction_error_qiw"]
+           "bdmc", "BDMCResult", "simulate", "log_mean_exp_stderr", "reconstruction_error_qiw",
+           "squared_error"]
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active if Cov_x(E_q[u]) > 0.01
 
@@ -287,3 +288,14 @@ def reconstruction_error_qiw(model, x: Tensor, k: int = 100, batch_size: int = 1
         z = sir(model, xb, k)  # [1, B, Z]
         out.append(-model.log_likelihood(xb, z)[0].double().cpu())
     return torch.cat(out)
+
+
+def squared_error(model, x: Tensor) -> Tensor:
+    """||x - decoder mean at z = E_q[z1]||^2 per data point [N] (differentiable): the
+    reconstruction error of paper 003 section 5, and the loss of the vanilla autoencoder
+    (``iwae-train --model ae``: the encoder's mean is its code). Divide by D for the MSE."""
+    p = _param(model)
+    x = x.to(device=p.device, dtype=p.dtype)
+    q = model.posterior(x)
+    z1 = q.loc if hasattr(q, "loc") else q.q1.loc
+    return (x - model.decoder.mean(model.decoder(z1))).square().sum(-1)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["manifold_grid", "tile", "save_image_grid", "manifold", "samples", "reconstructions",
-           "posterior_contours", "training_curves"]
+           "posterior_contours", "training_curves", "reconstruction_error_figure"]
 
 
 def _pyplot():
@@ -178,6 +178,27 @@ def training_curves(records, path: str) -> dict:
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return {"epoch": epochs, "train_bound": bound}
+
+
+def reconstruction_error_figure(rows, path: str) -> dict:
+    """Paper 003's figure 7: test reconstruction MSE of the AE and the VAE against the latent
+    size, from rows {"latent", "ae_mse", "vae_mse"}. Returns the plotted series."""
+    rows = sorted(rows, key=lambda r: r["latent"])
+    data = {"latent": [r["latent"] for r in rows], "ae_mse": [r["ae_mse"] for r in rows],
+            "vae_mse": [r["vae_mse"] for r in rows]}
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)
+    ax.plot(data["latent"], data["ae_mse"], marker="o", label="autoencoder (squared error)")
+    ax.plot(data["latent"], data["vae_mse"], marker="s", label="VAE (ELBO), decoder at the posterior mean")
+    ax.set_xlabel("latent size")
+    ax.set_ylabel("test reconstruction MSE per pixel")
+    ax.set_xticks(data["latent"])
+    ax.set_title("Reconstruction error against the latent size", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return data
 
 
 def main(argv=None) -> int:

@@ -34,10 +34,10 @@ __all__ = ["TrainConfig", "train", "load_checkpoint", "NonFiniteLossError", "bur
            "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "iwae_ext.checkpoint/1"
-MODELS = ("vae", "iwae", "iwaer", "iwaer_rec", "aiwae")
+MODELS = ("vae", "iwae", "iwaer", "iwaer_rec", "aiwae", "ae")
 # model -> (objective, random weights)
 _MODEL_KIND = {"vae": ("elbo", "none"), "iwae": ("iwae", "none"), "iwaer": ("iwae", "all"),
-               "iwaer_rec": ("iwae", "encoder"), "aiwae": ("aiwae", "none")}
+               "iwaer_rec": ("iwae", "encoder"), "aiwae": ("aiwae", "none"), "ae": ("squared_error", "none")}
 # AIWAE: per-temperature step sizes move by these factors toward target_accept after each step
 AIWAE_STEP_INC, AIWAE_STEP_DEC, AIWAE_STEP_MIN, AIWAE_STEP_MAX = 1.02, 0.98, 1e-4, 1.0
 # TrainConfig fields that a resumed run may change (the rest define the run).
@@ -55,7 +55,8 @@ class TrainConfig:
     """Everything that defines a run. Defaults: IWAE k = 5, 784-200-200-50 tanh, bundled
     binarized MNIST, batch 100, 30 epochs at lr 1e-3, L_5000 on the test split."""
 
-    model: str = "iwae"  # "vae" (ELBO), "iwae" (IWAE bound L_k), "iwaer" / "iwaer_rec" (paper 000), "aiwae" (paper 004)
+    model: str = "iwae"  # "vae" (ELBO), "iwae" (IWAE bound L_k), "iwaer" / "iwaer_rec" (paper 000), "aiwae" (paper 004),
+    # "ae" (a vanilla autoencoder on squared error: encoder mean -> decoder mean; paper 003 section 5)
     k: int = 5  # importance samples per data point in training
     layers: int = 1  # stochastic layers
     hidden: list | None = None  # per layer, e.g. [[200, 200]] (one layer) or [[200, 200], [100, 100]]
@@ -140,6 +141,8 @@ class TrainConfig:
         if c.prior_std is not None and (c.model not in ("iwaer", "iwaer_rec") or not c.prior_std > 0):
             raise ValueError(f"prior_std needs a model with random weights (iwaer, iwaer_rec) and a "
                              f"positive value, got model {c.model!r}, prior_std {c.prior_std!r}")
+        if c.model == "ae" and c.layers != 1:
+            raise ValueError("model 'ae' needs layers=1")
         if c.model == "aiwae":
             if c.layers != 1:
                 raise ValueError("model 'aiwae' needs layers=1 (the hand-written HMC gradient)")
@@ -407,6 +410,9 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
                 if aiwae:
                     a = aiwae_step(model, x, config.k, betas, config.leapfrog, hmc_steps)
                     bound, loss = a.bound, a.decoder_loss + a.encoder_loss
+                elif config.model == "ae":
+                    bound = -evaluate.squared_error(model, x)  # the "bound" is minus the error
+                    loss = -bound.mean()
                 else:
                     bound = objective(model, x, config.k, objective_name, config.estimator, config.kl,
                                       fused=config.fused)
@@ -476,9 +482,23 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
 
 def final_metrics(model, dataset: Dataset, config: TrainConfig, history: list,
                   train_seconds: float) -> dict:
-    """Test L_{eval_k} (whole test split), ELBO, train log-likelihood, active units, timings."""
+    """Test L_{eval_k} (whole test split), ELBO, train log-likelihood, active units, timings;
+    for an autoencoder (no likelihood) the reconstruction errors only."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(config.seed + 2)
+    if config.model == "ae":
+        with torch.no_grad():
+            x_test, x_train = _eval_data(dataset, "test", gen), _eval_data(dataset, "train", gen)
+            test_se = evaluate.squared_error(model, x_test.to(next(model.parameters()).device))
+            train_se = evaluate.squared_error(model, x_train.to(next(model.parameters()).device))
+        return {"test_squared_error": float(test_se.mean()), "train_squared_error": float(train_se.mean()),
+                "test_mse": float(test_se.mean()) / dataset.x_dim, "train_mse": float(train_se.mean()) / dataset.x_dim,
+                "n_test": x_test.shape[0], "epochs": len(history),
+                "final_train_bound": history[-1]["train_bound"] if history else None,
+                "config": config.to_dict(),
+                "timings": {"train_seconds": train_seconds, "seconds_per_epoch": train_seconds / max(len(history), 1),
+                            "eval_seconds": time.perf_counter() - t0},
+                "device": str(next(model.parameters()).device), "torch": torch.__version__}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 3)
         x_test = _eval_data(dataset, "test", gen)
