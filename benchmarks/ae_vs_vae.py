@@ -18,6 +18,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import torch  # noqa: E402
+
 import iwae_ext  # noqa: E402
 from iwae_ext import plots  # noqa: E402
 
@@ -40,7 +42,8 @@ def main():
             if model == "vae":
                 model_obj = iwae_ext.load_checkpoint(os.path.join(args.out_dir, f"{model}-{latent}"))
                 x = iwae_ext.data.load_dataset().split("test")
-                mse = float(iwae_ext.evaluate.squared_error(model_obj, x).mean()) / x.shape[1]
+                with torch.no_grad():
+                    mse = float(iwae_ext.evaluate.squared_error(model_obj, x).mean()) / x.shape[1]
                 row["vae_mse"], row["vae_test_log_likelihood"] = mse, m["test_log_likelihood"]
             else:
                 row["ae_mse"] = m["test_mse"]
