@@ -113,12 +113,13 @@ def reconstructions(model, x: Tensor, image_shape: tuple[int, int], path: str, k
 
 @torch.no_grad()
 def posterior_contours(model, x: Tensor, path: str, ks=(1, 10, 100), num_samples: int = 20000,
-                       half_width: float = 4.0, n: int = 121, generator: torch.Generator | None = None,
+                       half_width: float | None = None, n: int = 121, generator: torch.Generator | None = None,
                        max_rows: int = 50_000) -> dict:
     """For one data point x [D] of a model with a 2-D latent: the true posterior p(z|x) on an
     n x n grid (exact up to the grid), q(z|x) on the same grid, and q_IW for each k as a 2-D
     histogram of ``num_samples`` SIR draws (papers 001, 004; at most ``max_rows`` proposals
-    through the decoder at once). The panels share the axes around
+    through the decoder at once). ``half_width=None`` zooms to the posterior and q (found on a
+    coarse grid over [-6, 6]^2); a number fixes the window around q's mean. The panels share the axes around
     the posterior mean. Returns {"grid": [n], "posterior": [n, n], "q": [n, n],
     "q_iw": {k: [n, n]}} (probability per grid cell, rows = second coordinate)."""
     from .samplers import sir
@@ -127,7 +128,18 @@ def posterior_contours(model, x: Tensor, path: str, ks=(1, 10, 100), num_samples
     p = next(model.parameters())
     x = x.reshape(1, -1).to(device=p.device, dtype=p.dtype)
     q = model.posterior(x)
-    centre = q.loc[0].double().cpu()
+    if half_width is None:  # zoom: a coarse grid finds the posterior; the window covers it and q
+        t = torch.linspace(-6, 6, 241, dtype=torch.float64)
+        coarse = torch.cartesian_prod(t, t).to(device=p.device, dtype=p.dtype)
+        w = torch.softmax(model.log_joint(x, coarse.unsqueeze(1))[:, 0].double(), 0).cpu()
+        c = coarse.double().cpu()
+        mu = w @ c
+        sd = ((c - mu).square() * w[:, None]).sum(0).sqrt().max().clamp(min=float(t[1] - t[0]))
+        q_loc, q_sd = q.loc[0].double().cpu(), float(torch.exp(0.5 * q.logvar[0]).max())
+        centre = 0.5 * (mu + q_loc)
+        half_width = float(4 * max(float(sd), q_sd) + 0.5 * (mu - q_loc).abs().max())
+    else:
+        centre = q.loc[0].double().cpu()
     axes_t = [torch.linspace(float(c) - half_width, float(c) + half_width, n, dtype=torch.float64) for c in centre]
     zy, zx = torch.meshgrid(axes_t[1], axes_t[0], indexing="ij")
     zz = torch.stack([zx.reshape(-1), zy.reshape(-1)], -1).to(device=p.device, dtype=p.dtype)
