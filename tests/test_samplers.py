@@ -145,9 +145,7 @@ def test_ais_recovers_the_exact_log_likelihood_of_a_linear_gaussian_model(device
                        lambda z: m.log_joint(xr, z), z0, betas, num_leapfrog=5, step_size=0.2,
                        generator=gd)
     est = res.log_normalizer(4).cpu()
-    lw = res.log_weights.view(chains, 4).cpu()
-    w = torch.exp(lw - lw.max(0).values)
-    se = w.std(0) / (math.sqrt(chains) * w.mean(0))
+    se = evaluate.log_mean_exp_stderr(res.log_weights.view(chains, 4).cpu())
     m.W, m.b = W.cpu(), b.cpu()
     exact = m.exact(x)
     assert ((est - exact).abs() < 4 * se + 1e-3).all(), (est - exact, se)
@@ -178,9 +176,7 @@ def test_ais_with_a_grad_fn_and_cuda_graph(device, cuda_graph):
     z0 = torch.randn(xr.shape[0], 3, generator=gd, dtype=torch.float64, device=device)
     res = samplers.ais(None, None, z0, samplers.sigmoid_schedule(200), num_leapfrog=5, step_size=0.2,
                        grad_fn=grad_fn, generator=gd, cuda_graph=cuda_graph)
-    lw = res.log_weights.view(chains, 3).cpu()
-    w = torch.exp(lw - lw.max(0).values)
-    se = w.std(0) / (math.sqrt(chains) * w.mean(0))
+    se = evaluate.log_mean_exp_stderr(res.log_weights.view(chains, 3).cpu())
     est = res.log_normalizer(3).cpu()
     assert ((est - m.exact(x)).abs() < 4 * se + 1e-3).all(), (est - m.exact(x), se)
     assert 0.4 < float(res.acceptance_rate.mean()) < 0.95
@@ -243,9 +239,7 @@ def test_ais_agrees_with_a_dense_grid_and_l5000_stays_below(small_2d_model):
     g = torch.Generator().manual_seed(8)
     est = evaluate.ais_log_likelihood(model, xs, num_chains=16, num_temps=500, num_leapfrog=5,
                                       generator=g, return_details=True)
-    lw = est.log_weights
-    w = torch.exp(lw - lw.max(0).values)
-    se = w.std(0) / (math.sqrt(lw.shape[0]) * w.mean(0))
+    se = est.stderr
     assert ((est.log_likelihood - grid).abs() < 4 * se + 0.02).all(), (est.log_likelihood - grid, se)
     # L_5000 is below log p(x) in expectation; one draw may overshoot by its standard error
     # (std(w) / (sqrt(k) mean(w)), large where q misses the posterior's mode)
@@ -253,15 +247,12 @@ def test_ais_agrees_with_a_dense_grid_and_l5000_stays_below(small_2d_model):
     with torch.no_grad():
         lw5000 = model.log_weights(xs, 5000)
     l5000 = torch.logsumexp(lw5000, 0) - math.log(5000)
-    w5000 = torch.exp(lw5000 - lw5000.max(0).values)
-    se5000 = w5000.std(0) / (math.sqrt(5000) * w5000.mean(0))
+    se5000 = evaluate.log_mean_exp_stderr(lw5000)
     assert (l5000 <= grid + 4 * se5000 + 1e-3).all(), (l5000 - grid, se5000)
     # from the prior (a far worse start: more temperatures) the same answer
     est_prior = evaluate.ais_log_likelihood(model, xs, num_chains=16, num_temps=2000, num_leapfrog=5,
                                             init="prior", generator=g, return_details=True)
-    lw = est_prior.log_weights
-    w = torch.exp(lw - lw.max(0).values)
-    se = w.std(0) / (math.sqrt(lw.shape[0]) * w.mean(0))
+    se = est_prior.stderr
     assert ((est_prior.log_likelihood - grid).abs() < 4 * se + 0.02).all(), (est_prior.log_likelihood - grid, se)
 
 
