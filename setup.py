@@ -3,8 +3,9 @@
 Environment switches (read at build time):
   IWAE_EXT_CUDA          "auto" (default): build the CUDA kernels when torch is a CUDA build
                          and nvcc is found; "1": build them or fail; "0": CPU only.
-  TORCH_CUDA_ARCH_LIST   CUDA architectures; with no GPU visible it defaults to "9.0"
-                         (H100/H200). With a GPU visible, torch picks that GPU's arch.
+  TORCH_CUDA_ARCH_LIST   CUDA architectures; with no GPU visible it defaults to "9.0+PTX"
+                         (H100/H200 machine code, plus PTX that newer GPUs compile at load).
+                         With a GPU visible, torch picks that GPU's arch.
   MAX_JOBS               parallel compile jobs (ninja).
   IWAE_EXT_DEBUG=1       -O0 -g, for gdb.
 Install with `pip install --no-build-isolation -e .` so that the extension is compiled
@@ -48,7 +49,7 @@ def _extension():
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
         arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         # CUDA wheels of torch ship the cuBLAS/cuSPARSE headers that ATen/cuda needs here.

@@ -11,6 +11,7 @@
 #include <ATen/ops/softplus.h>
 #include <ATen/ops/square.h>
 #include <ATen/ops/sum.h>
+#include <c10/util/accumulate.h>
 
 namespace iwae_ext {
 namespace {
@@ -53,7 +54,13 @@ void check_args(const at::Tensor& x, const at::Tensor& weight_mu, const at::Tens
   check_like_x(eps, x, "eps", op);
 }
 
-at::Tensor rows(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}).contiguous(); }
+// t [..., n] as a contiguous [rows, n] matrix (rows counted explicitly: reshape cannot infer
+// them when n == 0).
+at::Tensor rows(const at::Tensor& t) {
+  const int64_t n = t.size(-1);
+  const int64_t m = c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
+  return t.reshape({m, n}).contiguous();
+}
 
 // (softplus(rho)^2, its derivative 2 softplus(rho) sigmoid(rho)): small [out, in] tensors, so
 // ATen's vectorised elementwise ops.

@@ -157,6 +157,36 @@ def test_empty_batch_and_bad_input(device):
         bayes_linear(x[0, 0], wmu, wrho, bmu, brho, eps)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_in,n_out", [(0, 3), (4, 0), (0, 0)])
+def test_zero_in_or_out_features(device, n_in, n_out):
+    """No inputs: the output is b_mu + sigma_b eps; no outputs: an empty [..., 0] result. Values
+    and every gradient equal the twin's."""
+    args = make((5, 2), n_in, n_out, device=device)
+    g = torch.randn(5, 2, n_out, dtype=torch.float64, device=device)
+    out, gs = grads(bayes_linear, args, g)
+    ref, rgs = grads(reference.bayes_linear, args, g)
+    assert out.shape == (5, 2, n_out)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(NAMES, gs, rgs):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.skipif(DEVICES[1].marks[0].args[0], reason="needs a CUDA device and kernels")
+@pytest.mark.parametrize("moved", range(6))
+def test_a_tensor_on_another_device_is_named(moved):
+    """One argument on the GPU and the rest on the CPU, or the reverse: the dispatcher sends the
+    call to the CUDA kernel either way, whose checks name the misplaced tensor (with x on the
+    CPU, before any CUDA device guard is taken)."""
+    for home, other in (("cpu", "cuda"), ("cuda", "cpu")):
+        args = make((5,), 4, 3, device=home)
+        args[moved] = args[moved].to(other)
+        name = NAMES[moved] if moved else "weight_mu"  # x moved: the first argument checked
+        with pytest.raises(RuntimeError, match=f"{name} must be on the device of x"):
+            bayes_linear(*args)
+
+
 def test_double_backward_raises_a_clear_error():
     args = [a.requires_grad_() for a in make((5,), 4, 3)]
     out = bayes_linear(*args)

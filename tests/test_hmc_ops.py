@@ -156,6 +156,53 @@ def test_accept_decisions_by_hand(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_float32_chains_decide_in_double(device):
+    """U0 = U1 = 1e4 and |p1|^2/2 = 2e-4: H0 - H1 = -2e-4, below log u = -1e-4, so the
+    proposal is rejected. In float32 arithmetic 1e4 + 2e-4 rounds to 1e4 (an ulp there is
+    ~1e-3), H0 - H1 = 0 and it would be accepted; every device decides in double, like the twin."""
+    f = lambda v: torch.tensor(v, dtype=torch.float32, device=device)  # noqa: E731
+    z0, z1 = f([[0.0]]), f([[1.0]])
+    p0, p1 = f([[0.0]]), f([[0.02]])
+    u, log_u, step, avg = f([1e4]), f([-1e-4]), f([0.1]), f([0.65])
+    args = (z0, z1, p0, p1, u, u, log_u, step, avg)
+    r = hmc_accept(*args, decay=0.5)
+    want = reference.hmc_accept(*args, decay=0.5)
+    assert r.accepted.tolist() == [False] and want[2].tolist() == [False]
+    assert r.z.tolist() == [[0.0]]
+    # the acceptance probability exp(-2e-4) enters the average: (0.65 + a) / 2 > 0.65
+    torch.testing.assert_close(r.accept_avg.double().cpu(), torch.tensor([(0.65 + math.exp(-2e-4)) / 2],
+                               dtype=torch.float64), rtol=1e-7, atol=0)
+    torch.testing.assert_close(r.step_size, want[3], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_step_size_gradient_sums_in_double(device):
+    """d L / d eps_c sums D terms; with 2^20 positive float32 terms a float accumulator (32
+    lanes, each adding 2^15 terms) is off by 5-10 ulps of the result, a double one only by the
+    terms' own rounding."""
+    c, d = 2, 1 << 20
+    g = torch.Generator().manual_seed(3)
+    u = lambda: torch.rand(c, d, generator=g, dtype=torch.float64)  # noqa: E731
+    gz, gp, p_out, grad_u = u(), u(), u(), -u()
+    step = torch.tensor([0.1, 0.3], dtype=torch.float64)
+    to32 = lambda t: t.float().to(device)  # noqa: E731
+    for kick, drift in ((1.0, True), (0.5, False)):
+        got = torch.ops.iwae_ext.hmc_leapfrog_backward(to32(gz), to32(gp), to32(p_out), to32(grad_u),
+                                                         to32(step), kick, drift)[3].double().cpu()
+        # the float64 value of the same float32 inputs
+        gz64, gp64, p64, gu64, e64 = (t.float().double() for t in (gz, gp, p_out, grad_u, step))
+        gq = gp64 + (e64.unsqueeze(1) * gz64 if drift else 0)
+        want = ((gz64 * p64).sum(1) if drift else 0) - kick * (gq * gu64).sum(1)
+        # each term rounds a few times in float32 (|error| <~ eps * sqrt(sum |term|^2) * few),
+        # and the result once (half an ulp); a float accumulator is off by ~10 ulps here
+        terms = (gz64 * p64).abs() + (kick * gq * gu64).abs()
+        w32 = want.float()
+        half_ulp = 0.5 * (torch.nextafter(w32, torch.tensor(math.inf)) - w32).double()
+        bound = 8 * torch.finfo(torch.float32).eps * terms.square().sum(1).sqrt() + half_ulp
+        assert ((got - want).abs() <= bound).all(), (got - want, bound)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_accept_kinetic_energy_enters(device):
     """Same potentials, the proposal's momentum larger by |p1|^2/2 = 2: H rises by 2."""
     z0 = torch.zeros(2, 2, dtype=torch.float64, device=device)
@@ -223,3 +270,17 @@ def test_fake_kernels_under_compile():
                                 torch.zeros_like(args[3]), args[3], args[3])
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[3])
+
+
+@pytest.mark.skipif(DEVICES[1].marks[0].args[0], reason="needs a CUDA device and kernels")
+def test_a_tensor_on_another_device_is_named():
+    """z on the CPU and p on the GPU (or the reverse) reaches the CUDA kernel, whose checks name
+    the misplaced tensor before taking a device guard."""
+    for home, other in (("cpu", "cuda"), ("cuda", "cpu")):
+        z, p, g, e = leapfrog_args(3, 2, device=home)
+        with pytest.raises(RuntimeError, match="p must be on the device of z"):
+            hmc_leapfrog(z, p.to(other), g, e)
+        args = accept_args(3, 2, device=home)
+        args[7] = args[7].to(other)
+        with pytest.raises(RuntimeError, match="step_size must be on the device of z0"):
+            hmc_accept(*args)

@@ -27,6 +27,8 @@ CASES = [
     ((20, 5000), -1),
     ((4, 2049), -1),
     ((5000, 3), 0),
+    ((3, 700, 40), 1),    # columns: two tiles of 32, K split across blocks on CUDA
+    ((2, 300, 6), 1),     # columns: tiles of 8
 ]
 
 
@@ -58,7 +60,12 @@ def _float32_errors(x64, dim, lowp):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape,dim", CASES + [((100, 5000), -1), ((5000, 100), 0)])
+@pytest.mark.parametrize("shape,dim", CASES + [
+    ((100, 5000), -1), ((5000, 100), 0),
+    # the [k, B] log-weights of every bound (dim 0) with large k and few columns, and rows
+    # numerous enough for one block each with very large K: the float32 error must not grow
+    # with K (a CUDA thread that walked a whole column or row lost about K ulps)
+    ((5000, 10), 0), ((50000, 4), 0), ((300, 30000), -1)])
 @pytest.mark.parametrize("scale", [1.0, 30.0, 1e3])
 def test_float32_error_at_most_twice_pytorchs(device, shape, dim, scale):
     x64 = _logw(shape, torch.float64, device, scale=scale, seed=2)

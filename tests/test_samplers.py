@@ -203,6 +203,76 @@ def test_no_host_synchronisation_in_the_temperature_loop():
     assert torch.isfinite(res.log_weights).all()
 
 
+@pytest.mark.skipif(DEVICES[1].marks[0].args[0], reason="needs a CUDA device and kernels")
+def test_no_host_synchronisation_in_the_graphed_loop_replays():
+    """The schedule reaches the GPU by an asynchronous copy and the replays never read back:
+    after the capture (which synchronises once, like any capture) sync-debug mode 'error' sees
+    no synchronisation in the rest of the run."""
+    torch.manual_seed(18)
+    model = VAE(x_dim=20, latent_dims=(3,), hidden=(8,)).double().cuda().eval()
+    x = torch.rand(4, 20, dtype=torch.float64, device="cuda").round()
+    g = torch.Generator(device="cuda").manual_seed(19)
+    dens = samplers.model_ais_densities(model, x, 8, "posterior", True, g)
+    betas = samplers.sigmoid_schedule(40)
+    graphed = samplers._hmc._ais_graphed
+    seen = []
+
+    def watched(*args, **kw):  # error mode from the first replay on
+        original_replay = torch.cuda.CUDAGraph.replay
+
+        def replay(self):
+            torch.cuda.set_sync_debug_mode("error")
+            seen.append(1)
+            return original_replay(self)
+
+        torch.cuda.CUDAGraph.replay = replay
+        try:
+            return graphed(*args, **kw)
+        finally:
+            torch.cuda.CUDAGraph.replay = original_replay
+
+    samplers._hmc._ais_graphed = watched
+    try:
+        res = samplers.ais(None, None, dens.z0, betas, 3, 0.05, grad_fn=dens.grad_fn, generator=g,
+                           cuda_graph=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        samplers._hmc._ais_graphed = graphed
+    assert len(seen) == betas.numel() - 1 - 3  # every temperature after the 3 eager warm-ups
+    assert torch.isfinite(res.log_weights).all()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or DEVICES[1].marks[0].args[0],
+                    reason="needs two CUDA devices and the CUDA kernels")
+def test_cuda_graph_on_a_device_that_is_not_the_current_one():
+    """z on cuda:1 while cuda:0 is current: the graphed loop captures and replays on cuda:1 and
+    gives exactly the eager loop's weights (a capture on the current device would record
+    nothing, and the replays would skip temperatures); the current device is left as it was."""
+    m = LinearGaussianModel()
+    x = (m.b + torch.randn(2, 5, generator=torch.Generator().manual_seed(20), dtype=torch.float64))
+    xr = x.repeat(64, 1).to("cuda:1")
+    W, b = m.W.to("cuda:1"), m.b.to("cuda:1")
+
+    def grad_fn(z):
+        r = xr - z @ W.T - b
+        li = -0.5 * (z.square().sum(-1) + 3 * math.log(2 * math.pi))
+        lt = li - 0.5 * (r.square().sum(-1) / m.s2 + 5 * math.log(2 * math.pi * m.s2))
+        return li, lt, -z, -z + (r @ W) / m.s2
+
+    results = []
+    torch.cuda.set_device(0)
+    for cuda_graph in (False, True):
+        g = torch.Generator(device="cuda:1").manual_seed(21)
+        z0 = torch.randn(xr.shape[0], 3, generator=g, dtype=torch.float64, device="cuda:1")
+        results.append(samplers.ais(None, None, z0, samplers.sigmoid_schedule(30), num_leapfrog=3,
+                                    step_size=0.2, grad_fn=grad_fn, generator=g, cuda_graph=cuda_graph))
+        assert torch.cuda.current_device() == 0
+    eager, graphed = results
+    torch.testing.assert_close(graphed.log_weights, eager.log_weights, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(graphed.z, eager.z, rtol=1e-12, atol=1e-12)
+    assert graphed.log_weights.device == torch.device("cuda:1")
+
+
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 @pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid"])
 def test_hand_written_decoder_gradient_equals_autograd(likelihood, activation):

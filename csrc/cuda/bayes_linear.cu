@@ -54,6 +54,7 @@ void combine_cuda(at::Tensor& xw_out, at::Tensor& xxs_std, const at::Tensor& bia
                   const at::Tensor& sigma2_b, const at::Tensor& eps) {
   const int64_t n = xw_out.numel();
   if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(xw_out.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(xw_out.scalar_type(), "bayes_linear", [&] {
     combine_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
@@ -67,6 +68,7 @@ void grads_cuda(const at::Tensor& g, const at::Tensor& eps, const at::Tensor& st
                 at::Tensor& grad_var, at::Tensor& grad_eps) {
   const int64_t n = g.numel();
   if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(g.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "bayes_linear_backward", [&] {
     grads_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
@@ -83,8 +85,10 @@ std::tuple<at::Tensor, at::Tensor> bayes_linear_cuda(const at::Tensor& x, const 
                                                      const at::Tensor& bias_mu,
                                                      const at::Tensor& bias_rho,
                                                      const at::Tensor& eps) {
+  // No device guard here: the shared checks first name any tensor not on x's device (x itself
+  // may be the CPU tensor that sent the call here); ATen's matmuls guard their own device and
+  // the elementwise launchers theirs.
   check_cuda(x, "bayes_linear");
-  c10::cuda::CUDAGuard guard(x.device());
   return bayes_linear_forward(x, weight_mu, weight_rho, bias_mu, bias_rho, eps, kCuda);
 }
 
@@ -94,7 +98,6 @@ bayes_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                            const at::Tensor& bias_rho, const at::Tensor& eps, const at::Tensor& std,
                            std::array<bool, 6> mask) {
   check_cuda(x, "bayes_linear_backward");
-  c10::cuda::CUDAGuard guard(x.device());
   return bayes_linear_backward(grad_out, x, weight_mu, weight_rho, bias_rho, eps, std, mask, kCuda);
 }
 

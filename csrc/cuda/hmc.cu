@@ -4,6 +4,9 @@
 //   hmc_leapfrog_backward  a warp per chain (the per-chain step-size gradient is a sum over D);
 //   hmc_accept             a warp per chain: |p0|^2 and |p1|^2 by warp shuffles, lane 0
 //                          decides, the warp copies the chosen row.
+// Per-chain sums and decisions are in double for every dtype, as on the CPU: in float32 an
+// energy of 1e4 has an ulp of 1e-3, so H0 - H1 would lose the kinetic energy of a small
+// momentum (and the Metropolis decision with it).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -59,20 +62,19 @@ __global__ void leapfrog_backward_kernel(const T* __restrict__ gz, const T* __re
                                          T* __restrict__ dz, T* __restrict__ dp,
                                          T* __restrict__ dg, T* __restrict__ dstep, int64_t C,
                                          int64_t D) {
-  using A = at::opmath_type<T>;
   const int lane = threadIdx.x & 31;
   for (int64_t c = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; c < C;
        c += (int64_t(gridDim.x) * blockDim.x) >> 5) {
     const T e = step[c], ke = kick * e, ed = drift ? e : T(0);
     const int64_t o = c * D;
-    A acc = 0;
+    double acc = 0;  // each term in T, summed in double (the CPU kernel's arithmetic)
     for (int64_t d = lane; d < D; d += 32) {
       const T gzi = gz[o + d];
       const T gq = gp[o + d] + ed * gzi;
       dz[o + d] = gzi;
       dp[o + d] = gq;
       dg[o + d] = -ke * gq;
-      acc += A(drift ? gzi * p_out[o + d] : T(0)) - A(kick) * A(gq) * A(g[o + d]);
+      acc += double((drift ? gzi * p_out[o + d] : T(0)) - kick * gq * g[o + d]);
     }
     acc = warp_sum(acc);
     if (lane == 0) dstep[c] = T(acc);
@@ -88,7 +90,7 @@ __global__ void accept_kernel(const T* __restrict__ z0, const T* __restrict__ z1
                               T* __restrict__ u_out, bool* __restrict__ accepted,
                               T* __restrict__ step_out, T* __restrict__ avg_out, int64_t C,
                               int64_t D) {
-  using A = at::opmath_type<T>;
+  using A = double;
   const int lane = threadIdx.x & 31;
   for (int64_t c = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; c < C;
        c += (int64_t(gridDim.x) * blockDim.x) >> 5) {
@@ -115,17 +117,12 @@ __global__ void accept_kernel(const T* __restrict__ z0, const T* __restrict__ z1
   }
 }
 
-void check_cuda(const at::Tensor& z, const char* op) {
-  TORCH_CHECK(z.is_cuda(), op, ": expected CUDA tensors, got ", z.device());
-}
-
 std::tuple<at::Tensor, at::Tensor> hmc_leapfrog_cuda(const at::Tensor& z, const at::Tensor& p,
                                                      const at::Tensor& grad_u,
                                                      const at::Tensor& step_size, double kick,
                                                      bool drift) {
-  check_cuda(z, "hmc_leapfrog");
-  c10::cuda::CUDAGuard guard(z.device());
-  LeapfrogIO io = leapfrog_io(z, p, grad_u, step_size, kick);
+  LeapfrogIO io = leapfrog_io(z, p, grad_u, step_size, kick);  // checks name any misplaced tensor
+  const c10::cuda::CUDAGuard guard(z.device());
   const int64_t n = z.numel();
   if (n == 0) return {io.z_out, io.p_out};
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -142,9 +139,8 @@ std::tuple<at::Tensor, at::Tensor> hmc_leapfrog_cuda(const at::Tensor& z, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hmc_leapfrog_backward_cuda(
     const at::Tensor& grad_z, const at::Tensor& grad_p, const at::Tensor& p_out,
     const at::Tensor& grad_u, const at::Tensor& step_size, double kick, bool drift) {
-  check_cuda(grad_z, "hmc_leapfrog_backward");
-  c10::cuda::CUDAGuard guard(grad_z.device());
   LeapfrogBackwardIO io = leapfrog_backward_io(grad_z, grad_p, p_out, grad_u, step_size, kick);
+  const c10::cuda::CUDAGuard guard(grad_z.device());
   const int64_t C = grad_z.size(0), D = grad_z.size(1);
   if (C == 0) return {io.dz, io.dp, io.dg, io.dstep};
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -164,10 +160,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hmc_accep
     const at::Tensor& u0, const at::Tensor& u1, const at::Tensor& log_uniform,
     const at::Tensor& step_size, const at::Tensor& accept_avg, double target_accept,
     double decay, double inc, double dec, double min_step, double max_step, bool adapt) {
-  check_cuda(z0, "hmc_accept");
-  c10::cuda::CUDAGuard guard(z0.device());
   AcceptIO io = accept_io(z0, z1, p0, p1, u0, u1, log_uniform, step_size, accept_avg, target_accept,
                           decay, inc, dec, min_step, max_step, adapt);
+  const c10::cuda::CUDAGuard guard(z0.device());
   const int64_t C = z0.size(0), D = z0.size(1);
   if (C == 0) return {io.z, io.u, io.accepted, io.step, io.avg};
   auto stream = c10::cuda::getCurrentCUDAStream();

@@ -7,21 +7,32 @@
 //   K <= 16:           a group of 4, 8 or 16 lanes per row, several rows per warp;
 //   K <= 2048:         a warp per row;
 //   larger K:          a block per row;
-//   few rows, large K: each row split across blocks, whose partial (max, sum) pairs a
-//                      second small kernel combines (e.g. [20, 5000] on 132 SMs).
-// Forward, columns (inner > 1, reducing a non-last dim of a contiguous tensor): a thread
-// per column, reading consecutive columns with consecutive threads.
+//   few rows or very large K: each row split across blocks, whose partial (max, sum) pairs
+//                      a second small kernel combines (e.g. [20, 5000] on 132 SMs).
+// Forward, columns (inner > 1, reducing a non-last dim of a contiguous tensor): a block of
+// TX x TY threads covers TX consecutive columns (consecutive threads read consecutive
+// columns), its TY rows of threads split K, and their partials are combined in shared
+// memory; with too few column tiles to fill the GPU, or very large K, K is also split
+// across blocks and combined by the second kernel.
+// Accuracy: no thread folds more than kMaxPerThread values one after another, and it folds
+// them into kItemsPerThread independent pairs; everything else is a tree of lme_combine.
+// So the float32 error does not grow with K (a thread walking all K values of a column
+// would lose about K ulps).
 // Backward: one elementwise kernel, grad = grad_out * exp(logw - (out + log K)).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cuda_runtime.h>
+
+#include <mutex>
+#include <vector>
 
 #include "../logmeanexp.h"
 
@@ -31,7 +42,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 constexpr int64_t kWarpMaxK = 2048;   // above: a block per row
-constexpr int kItemsPerThread = 4;    // independent loads in flight per thread
+constexpr int kItemsPerThread = 4;    // independent loads and (max, sum) pairs per thread
+constexpr int64_t kMaxPerThread = 64; // values one thread folds, at most (accuracy)
+constexpr int64_t kMinPerThread = 8;  // ... at least, when splitting K only to fill the GPU
 
 // Combine (m, s) across `width` consecutive lanes (a power of two <= 32); every lane of
 // the group ends with the group's pair.
@@ -44,21 +57,32 @@ __device__ __forceinline__ void group_reduce(acc_t& m, acc_t& s, int width) {
   }
 }
 
-// The (m, s) pair of values x[begin + t], t = lane, lane + stride, ... below end, with
-// kItemsPerThread loads issued before their use.
+// The (m, s) pair of values x[i * step], i = begin + lane, begin + lane + stride, ... < end,
+// folded into kItemsPerThread independent pairs (loads issued together, short dependency
+// chains) that are combined at the end.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void strided_partial(const scalar_t* __restrict__ x, int64_t begin,
-                                                int64_t end, int lane, int stride, acc_t& m,
-                                                acc_t& s) {
+                                                int64_t end, int lane, int stride, int64_t step,
+                                                acc_t& m, acc_t& s) {
+  acc_t mu[kItemsPerThread], su[kItemsPerThread];
+#pragma unroll
+  for (int u = 0; u < kItemsPerThread; ++u) {
+    mu[u] = -std::numeric_limits<acc_t>::infinity();
+    su[u] = 0;
+  }
   int64_t i = begin + lane;
   for (; i + (kItemsPerThread - 1) * stride < end; i += kItemsPerThread * stride) {
     acc_t v[kItemsPerThread];
 #pragma unroll
-    for (int u = 0; u < kItemsPerThread; ++u) v[u] = static_cast<acc_t>(x[i + u * stride]);
+    for (int u = 0; u < kItemsPerThread; ++u) v[u] = static_cast<acc_t>(x[(i + u * stride) * step]);
 #pragma unroll
-    for (int u = 0; u < kItemsPerThread; ++u) lme_push(m, s, v[u]);
+    for (int u = 0; u < kItemsPerThread; ++u) lme_push(mu[u], su[u], v[u]);
   }
-  for (; i < end; i += stride) lme_push(m, s, static_cast<acc_t>(x[i]));
+#pragma unroll
+  for (int u = 0; u < kItemsPerThread - 1; ++u)
+    if (i + u * stride < end) lme_push(mu[u], su[u], static_cast<acc_t>(x[(i + u * stride) * step]));
+#pragma unroll
+  for (int u = 0; u < kItemsPerThread; ++u) lme_combine(m, s, mu[u], su[u]);
 }
 
 // GROUP lanes per row (GROUP = 4, 8, 16 or 32), kThreads / GROUP rows per block.
@@ -69,7 +93,7 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x % GROUP;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / GROUP) + threadIdx.x / GROUP;
   acc_t m = -std::numeric_limits<acc_t>::infinity(), s = 0;
-  if (row < rows) strided_partial(x + row * K, 0, K, lane, GROUP, m, s);
+  if (row < rows) strided_partial(x + row * K, 0, K, lane, GROUP, 1, m, s);
   group_reduce(m, s, GROUP);  // all lanes take part, so the full-warp mask is right
   if (row < rows && lane == 0) out[row] = static_cast<scalar_t>(lme_finalize(m, s, log_k));
 }
@@ -104,7 +128,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t begin = static_cast<int64_t>(part) * chunk;
   const int64_t end = min(K, begin + chunk);
   acc_t m = -std::numeric_limits<acc_t>::infinity(), s = 0;
-  strided_partial(x + row * K, begin, end, threadIdx.x, kThreads, m, s);
+  strided_partial(x + row * K, begin, end, threadIdx.x, kThreads, 1, m, s);
   block_reduce(m, s);
   if (threadIdx.x == 0) {
     if (splits == 1) {
@@ -131,18 +155,48 @@ __global__ void __launch_bounds__(kThreads)
   if (row < rows && lane == 0) out[row] = static_cast<scalar_t>(lme_finalize(m, s, log_k));
 }
 
-// A thread per column c of slab o: values x[(o * K + k) * inner + c], k < K.
-template <typename scalar_t, typename acc_t>
+// Columns: block b covers columns tile * TX + tx (tx < TX) of slab o, values k in chunk
+// `part` of K, with b = (o * tiles + tile) * splits + part. Thread row ty folds k = begin + ty,
+// begin + ty + TY, ...; the TY pairs of each column are combined in shared memory. With one
+// chunk the block writes the result; otherwise the pair, at (o * inner + c) * splits + part,
+// for combine_kernel.
+template <typename scalar_t, typename acc_t, int TX>
 __global__ void __launch_bounds__(kThreads)
-    cols_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t outer,
-                int64_t K, int64_t inner, acc_t log_k) {
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (col >= outer * inner) return;
-  const int64_t o = col / inner, c = col % inner;
-  const scalar_t* base = x + o * K * inner + c;
+    cols_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                acc_t* __restrict__ partial_m, acc_t* __restrict__ partial_s, int64_t K,
+                int64_t inner, int64_t tiles, int64_t chunk, int splits, acc_t log_k) {
+  constexpr int TY = kThreads / TX;
+  __shared__ acc_t sm[TY][TX], ss[TY][TX];
+  const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
+  const int part = blockIdx.x % splits;
+  const int64_t slab_tile = blockIdx.x / splits;
+  const int64_t o = slab_tile / tiles;
+  const int64_t c = (slab_tile % tiles) * TX + tx;
+  const int64_t begin = static_cast<int64_t>(part) * chunk;
+  const int64_t end = min(K, begin + chunk);
   acc_t m = -std::numeric_limits<acc_t>::infinity(), s = 0;
-  for (int64_t k = 0; k < K; ++k) lme_push(m, s, static_cast<acc_t>(base[k * inner]));
-  out[col] = static_cast<scalar_t>(lme_finalize(m, s, log_k));
+  if (c < inner) strided_partial(x + o * K * inner + c, begin, end, ty, TY, inner, m, s);
+  sm[ty][tx] = m;
+  ss[ty][tx] = s;
+  __syncthreads();
+#pragma unroll
+  for (int half = TY / 2; half > 0; half /= 2) {
+    if (ty < half) {
+      lme_combine(m, s, sm[ty + half][tx], ss[ty + half][tx]);
+      sm[ty][tx] = m;
+      ss[ty][tx] = s;
+    }
+    __syncthreads();
+  }
+  if (ty == 0 && c < inner) {
+    const int64_t col = o * inner + c;
+    if (splits == 1) {
+      out[col] = static_cast<scalar_t>(lme_finalize(m, s, log_k));
+    } else {
+      partial_m[col * splits + part] = m;
+      partial_s[col * splits + part] = s;
+    }
+  }
 }
 
 struct DeviceExp {
@@ -165,14 +219,63 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int multiprocessors() {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
+// Multiprocessors of each device, read from the driver once per process.
+int multiprocessors(c10::DeviceIndex device) {
+  static std::once_flag once;
+  static std::vector<int> counts;
+  std::call_once(once, [] {
+    std::vector<int> c(c10::cuda::device_count());
+    for (size_t d = 0; d < c.size(); ++d)
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&c[d], cudaDevAttrMultiProcessorCount, static_cast<int>(d)));
+    counts = std::move(c);
+  });
+  return counts.at(device);
 }
 
 int64_t blocks_for(int64_t items, int64_t per_block) { return (items + per_block - 1) / per_block; }
+
+// Chunks to split K into, for `blocks` blocks of `lanes` threads (along K) each: enough that no
+// thread folds more than kMaxPerThread values, and, when the blocks cannot give every SM two,
+// more (down to kMinPerThread values per thread) to fill the GPU.
+int64_t k_splits(int64_t K, int64_t lanes, int64_t blocks, int64_t target_blocks) {
+  int64_t splits = (K + lanes * kMaxPerThread - 1) / (lanes * kMaxPerThread);
+  if (blocks * splits < target_blocks) {
+    const int64_t most = std::max<int64_t>(1, K / (lanes * kMinPerThread));
+    splits = std::max(splits, std::min(most, (target_blocks + blocks - 1) / blocks));
+  }
+  const int64_t chunk = (K + splits - 1) / splits;
+  return (K + chunk - 1) / chunk;  // no empty chunk
+}
+
+template <typename scalar_t, int TX>
+void launch_cols(const LmeLayout& L, const scalar_t* x, scalar_t* y, int64_t target_blocks,
+                 const at::Tensor& out, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int TY = kThreads / TX;
+  const acc_t log_k = static_cast<acc_t>(std::log(static_cast<double>(L.K)));
+  const int64_t tiles = (L.inner + TX - 1) / TX;
+  const int64_t splits = k_splits(L.K, TY, L.outer * tiles, target_blocks);
+  const int64_t chunk = (L.K + splits - 1) / splits;
+  const int64_t blocks = L.outer * tiles * splits;
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "logmeanexp: logw is too large (",
+              blocks, " thread blocks)");
+  at::Tensor partial;
+  acc_t *pm = nullptr, *ps = nullptr;
+  const int64_t cols = L.outer * L.inner;
+  if (splits > 1) {
+    partial = at::empty({2, cols * splits}, out.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    pm = partial.mutable_data_ptr<acc_t>();
+    ps = pm + cols * splits;
+  }
+  cols_kernel<scalar_t, acc_t, TX><<<blocks, kThreads, 0, stream>>>(
+      x, y, pm, ps, L.K, L.inner, tiles, chunk, static_cast<int>(splits), log_k);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    combine_kernel<scalar_t, acc_t><<<blocks_for(cols, kThreads / kWarp), kThreads, 0, stream>>>(
+        pm, ps, y, cols, static_cast<int>(splits), log_k);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
 
 template <typename scalar_t>
 void launch_forward(const LmeLayout& L, at::Tensor& out, cudaStream_t stream) {
@@ -181,10 +284,14 @@ void launch_forward(const LmeLayout& L, at::Tensor& out, cudaStream_t stream) {
   scalar_t* y = out.mutable_data_ptr<scalar_t>();
   const acc_t log_k = static_cast<acc_t>(std::log(static_cast<double>(L.K)));
   const int64_t rows = L.outer;
+  const int64_t target_blocks = 2 * static_cast<int64_t>(multiprocessors(out.device().index()));
   if (L.inner > 1) {
-    cols_kernel<scalar_t, acc_t><<<blocks_for(L.outer * L.inner, kThreads), kThreads, 0, stream>>>(
-        x, y, L.outer, L.K, L.inner, log_k);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // TX: the narrowest power of two (4 to 32) that holds a slab's columns
+    const int64_t n = L.inner;
+    if (n <= 4) launch_cols<scalar_t, 4>(L, x, y, target_blocks, out, stream);
+    else if (n <= 8) launch_cols<scalar_t, 8>(L, x, y, target_blocks, out, stream);
+    else if (n <= 16) launch_cols<scalar_t, 16>(L, x, y, target_blocks, out, stream);
+    else launch_cols<scalar_t, kWarp>(L, x, y, target_blocks, out, stream);
     return;
   }
   if (L.K <= kWarpMaxK) {
@@ -199,16 +306,11 @@ void launch_forward(const LmeLayout& L, at::Tensor& out, cudaStream_t stream) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  // A block per row; with too few rows to give every SM two blocks, split each row into
-  // chunks of at least 8 values per thread.
-  const int64_t target_blocks = 2 * static_cast<int64_t>(multiprocessors());
-  int64_t splits = 1;
-  if (rows < target_blocks) {
-    const int64_t max_splits = std::max<int64_t>(1, L.K / (8 * kThreads));
-    splits = std::min<int64_t>(max_splits, (target_blocks + rows - 1) / rows);
-  }
+  // A block per row, each row split into chunks (see k_splits).
+  const int64_t splits = k_splits(L.K, kThreads, rows, target_blocks);
   const int64_t chunk = (L.K + splits - 1) / splits;
-  splits = (L.K + chunk - 1) / chunk;
+  TORCH_CHECK(rows * splits <= std::numeric_limits<int>::max(), "logmeanexp: logw is too large (",
+              rows * splits, " thread blocks)");
   at::Tensor partial;
   acc_t *pm = nullptr, *ps = nullptr;
   if (splits > 1) {
@@ -250,7 +352,7 @@ at::Tensor logmeanexp_backward_cuda(const at::Tensor& grad_out, const at::Tensor
         using acc_t = at::opmath_type<scalar_t>;
         const acc_t log_k = static_cast<acc_t>(std::log(static_cast<double>(a.in.K)));
         const int64_t blocks =
-            std::min<int64_t>(blocks_for(numel, kThreads), 32LL * multiprocessors());
+            std::min<int64_t>(blocks_for(numel, kThreads), 32LL * multiprocessors(logw.device().index()));
         backward_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
             a.grad_out.const_data_ptr<scalar_t>(), a.in.x.const_data_ptr<scalar_t>(),
             a.out.const_data_ptr<scalar_t>(), a.grad_x.mutable_data_ptr<scalar_t>(), numel,

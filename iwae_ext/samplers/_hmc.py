@@ -248,7 +248,7 @@ def ais(log_init: LogDensity | None, log_target: LogDensity | None, z0: Tensor, 
         raise ValueError("ais: cuda_graph=True needs CUDA tensors")
     with torch.no_grad():
         z = z0.detach()
-        betas_dev = betas.to(z.device)
+        betas_dev = _to_device(betas, z.device)
         betas_z = betas_dev.to(z.dtype)
         dbeta = betas_dev[1:] - betas_dev[:-1]
         avg = torch.full_like(step, float(target_accept))
@@ -258,7 +258,9 @@ def ais(log_init: LogDensity | None, log_target: LogDensity | None, z0: Tensor, 
                                                           device=z.device)
         cache = grad_fn(z)
         if cuda_graph:
-            z, step = _ais_graphed(traj, z, cache, step, avg, log_w, accepted, per_temp, betas_z, dbeta, fixed)
+            with torch.cuda.device(z.device):  # capture and replay on z's device, not the current one
+                z, step = _ais_graphed(traj, z, cache, step, avg, log_w, accepted, per_temp, betas_z, dbeta,
+                                       fixed)
         else:
             for t in range(1, betas.numel()):
                 li, lt = cache[0], cache[1]
@@ -273,13 +275,24 @@ def ais(log_init: LogDensity | None, log_target: LogDensity | None, z0: Tensor, 
     return AISResult(log_w, z, rate, step.contiguous(), per_temp)
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device`` without blocking the host: to a GPU through pinned memory and
+    an asynchronous copy (a plain ``.to`` of pageable memory waits for the copy)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _ais_graphed(traj, z, cache, step, avg, log_w, accepted, per_temp, betas_z, dbeta, fixed,
                  warmup: int = 3):
     """The temperature loop of :func:`ais` with one temperature captured in a CUDA graph and
     replayed: the state lives in static tensors updated in place, the temperature index is a
     device tensor the graph increments, so the host only launches replays (no synchronisation,
     one launch per temperature instead of dozens of kernels). The first ``warmup`` temperatures
-    run eagerly on a side stream, as capture requires."""
+    run eagerly on a side stream, as capture requires. Every stream, the capture and the
+    replays are on z's device (the caller makes it the current device as well)."""
     n = dbeta.numel()
     c = z.shape[0]
     z_s, step_s, avg_s = z.clone(), step.contiguous().clone(), avg.clone()
@@ -313,7 +326,7 @@ def _ais_graphed(traj, z, cache, step, avg, log_w, accepted, per_temp, betas_z, 
         try:
             if traj.generator is not None:
                 graph.register_generator_state(traj.generator)
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device=z.device)):
                 body()
         except (RuntimeError, AttributeError) as e:  # a grad_fn that cannot be captured
             warnings.warn(f"ais: the temperature loop could not be captured in a CUDA graph ({e}); "
