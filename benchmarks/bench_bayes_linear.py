@@ -92,6 +92,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rows", type=int, nargs="+", default=[2500, 100000])
     p.add_argument("--rounds", type=int, default=21, help="interleaved rounds of op vs eager (default 21)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the peak-memory measurements (on the CPU, a fresh process per case)")
     p.add_argument("--out")
     p.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -128,6 +130,8 @@ def main():
                     case["naive_s"] = measure(fn, device, "bayes_linear", f"M={m} ({n_in}, {n_out}) fwd+bwd",
                                               "naive", min_runs=5, block_seconds=0.05).median
                 fn = lambda v=variant: step(v, x, params, eps, g)  # noqa: E731
+                if args.no_memory:
+                    continue
                 if device == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()

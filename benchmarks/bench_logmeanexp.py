@@ -1,13 +1,13 @@
 """logmeanexp against its eager twin and torch.compile of the twin, forward and
 forward+backward, at the shapes of IWAE training and evaluation.
 
-    python benchmarks/bench_logmeanexp.py [--device cpu|cuda] [--dtype float32]
+    python benchmarks/bench_logmeanexp.py [--device cpu|cuda] [--dtype float32] [--shapes 100x50 ...]
 
 Each case first checks that the three agree, then times each (median of >= 20 timed
 blocks after warm-up). Prints a torch.utils.benchmark Compare table and writes
 benchmarks/results/logmeanexp-<device>.json. On CUDA it also measures the device's copy
 bandwidth and reports the forward's fraction of it, and counts the kernels each
-direction launches.
+direction launches (at the largest shape).
 """
 import argparse
 import os
@@ -23,6 +23,16 @@ import iwae_ext  # noqa: E402
 from iwae_ext.ops import logmeanexp, reference  # noqa: E402
 
 SHAPES = [(20, 50), (100, 50), (2000, 50), (20, 5000), (10000, 5000)]
+
+
+def _shape(text: str) -> tuple:
+    try:
+        rows, k = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is ROWSxK, e.g. 100x50, got {text!r}") from None
+    if rows < 1 or k < 1:
+        raise argparse.ArgumentTypeError(f"a shape needs rows and K >= 1, got {text!r}")
+    return rows, k
 
 
 def copy_bandwidth(device: str) -> float:
@@ -46,6 +56,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the twin")
+    p.add_argument("--shapes", nargs="+", type=_shape, default=SHAPES, metavar="RxK",
+                   help="shapes [rows, K] reduced over K (default: " + " ".join(f"{r}x{k}" for r, k in SHAPES) + ")")
     p.add_argument("--out", help="JSON path (default benchmarks/results/logmeanexp-<device>.json)")
     args = p.parse_args()
     device, dtype = args.device, getattr(torch, args.dtype)
@@ -54,7 +66,7 @@ def main():
     compiled_twin = None if args.no_compile else torch.compile(reference.logmeanexp, dynamic=False)
 
     rows, results = [], []
-    for shape in SHAPES:
+    for shape in args.shapes:
         x = torch.randn(shape, device=device, dtype=dtype)
         xg = x.clone().requires_grad_()
         g = torch.randn(shape[0], device=device, dtype=dtype)
@@ -100,10 +112,12 @@ def main():
         for case in results:
             n = case["shape"][0] * case["shape"][1] * torch.tensor([], dtype=dtype).element_size()
             case["forward_fraction_of_copy_bandwidth"] = n / case["iwae_ext_forward_s"] / bw
-        x = torch.randn(10000, 5000, device=device, dtype=dtype, requires_grad=True)
+        big = max(args.shapes, key=lambda s: s[0] * s[1])
+        x = torch.randn(big, device=device, dtype=dtype, requires_grad=True)
         y = logmeanexp(x)
-        payload["kernels_forward_10000x5000"] = kernels_launched(lambda: logmeanexp(x.detach()))
-        payload["kernels_backward_10000x5000"] = kernels_launched(
+        tag = f"{big[0]}x{big[1]}"
+        payload["kernels_forward_" + tag] = kernels_launched(lambda: logmeanexp(x.detach()))
+        payload["kernels_backward_" + tag] = kernels_launched(
             lambda: torch.ops.iwae_ext.logmeanexp_backward(torch.ones_like(y), x.detach(), y.detach(), -1))
     benchmark.Compare(rows).print()
     print("saved", save(payload, device, "logmeanexp", args.out))

@@ -1,6 +1,6 @@
 """Trainer step time: iwae_ext against pure-PyTorch twins of the same training step.
 
-    python benchmarks/bench_train.py [--model iwae] [--k 5] [--estimator standard] [--rounds 7]
+    python benchmarks/bench_train.py [--device cpu|cuda] [--k 5] [--estimator standard] [--rounds 7]
 
 Three variants of one Adam step of IWAE (784-200-200-50, tanh, batch 100, bundled binarized
 MNIST), all in this process, on the same minibatches:
@@ -10,7 +10,8 @@ MNIST), all in this process, on the same minibatches:
              binary_cross_entropy_with_logits, torch.logsumexp), same architecture and init.
 Checks the three give the same loss and gradients first, then times rounds of ``--steps``
 steps of each, interleaved; reports the median step time, the time per epoch (500 steps)
-and the ratios. JSON to benchmarks/results/train-<device>.json.
+and the ratios (on CUDA each block ends with a synchronisation). JSON to
+benchmarks/results/train-<device>.json.
 """
 import argparse
 import copy
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, save  # noqa: E402
+from common import device_name, save, synchronize  # noqa: E402
 
 import iwae_ext  # noqa: E402
 from iwae_ext.data import load_dataset  # noqa: E402
@@ -48,6 +49,7 @@ def plain_iwae_loss(model, x, k):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--estimator", default="standard")
     p.add_argument("--batch-size", type=int, default=100)
@@ -55,10 +57,11 @@ def main():
     p.add_argument("--rounds", type=int, default=7, help="timed blocks per variant")
     p.add_argument("--out")
     args = p.parse_args()
+    device = args.device
     torch.manual_seed(0)
     data = load_dataset()
-    x_train = data.split("train")
-    base = VAE(x_mean=data.mean())
+    x_train = data.split("train").to(device)
+    base = VAE(x_mean=data.mean()).to(device)
     steps_per_epoch = math.ceil(x_train.shape[0] / args.batch_size)
 
     def loss_fn(name):
@@ -87,12 +90,13 @@ def main():
     for name in variants:
         m = copy.deepcopy(base)
         state[name] = (m, torch.optim.Adam(m.parameters(), lr=1e-3, eps=1e-4), loss_fn(name))
-    perm = torch.randperm(x_train.shape[0])
+    perm = torch.randperm(x_train.shape[0]).to(device)
     times = {name: [] for name in variants}
     cursor = 0
     for r in range(args.rounds + 1):  # round 0 is warm-up
         for name in variants:
             m, opt, fn = state[name]
+            synchronize(device)
             t0 = time.perf_counter()
             for s in range(args.steps):
                 idx = perm[((cursor + s) * args.batch_size) % x_train.shape[0]:][: args.batch_size]
@@ -100,6 +104,7 @@ def main():
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            synchronize(device)
             if r:
                 times[name].append((time.perf_counter() - t0) / args.steps)
         cursor += args.steps
@@ -122,9 +127,9 @@ def main():
         r = result[f"speedup_vs_{name}_per_round"]
         print(f"iwae_ext vs {name}: x{result[f'speedup_vs_{name}']:.3f} (per-round ratios "
               f"{min(r):.3f}..{max(r):.3f}, median {statistics.median(r):.3f})")
-    payload = {"benchmark": "train_step", "device": device_name("cpu"), "build": iwae_ext.build_info(),
+    payload = {"benchmark": "train_step", "device": device_name(device), "build": iwae_ext.build_info(),
                "results": [result]}
-    print("saved", save(payload, "cpu", "train", args.out))
+    print("saved", save(payload, device, "train", args.out))
 
 
 if __name__ == "__main__":
