@@ -130,7 +130,8 @@ def goals(out, dry):
                      f"{r['speedup_vs_authors']:.1f}x at {r['chains']} chains (range "
                      f"{r['speedup_vs_authors_range'][0]:.1f}-{r['speedup_vs_authors_range'][1]:.1f}); "
                      f"{r['speedup_vs_eager']:.1f}x the careful eager loop; "
-                     f"{r['iwae_ext_grad_evals_per_s']:.3g} grad evals/s",
+                     f"{r['iwae_ext_grad_evals_per_s']:.3g} grad evals/s; agreement: "
+                     f"{ais.get('agreement', 'not recorded')}",
                      _verdict(r["chains"] == 4096 and r["speedup_vs_authors"] >= 10, dry)))
         est = ais["full_test_set_estimate"]["iwae_ext_seconds"]
         rows.append(("ais", "whole test set, Wu et al.'s protocol, <= 10 minutes",
