@@ -84,9 +84,12 @@ def _read_state(run_dir: str, epochs: int):
     """'done' (final metrics for `epochs` epochs), ('resume', epochs done) or 'new'."""
     metrics = os.path.join(run_dir, "metrics.json")
     if os.path.isfile(metrics):
-        with open(metrics) as f:
-            if json.load(f).get("epochs") == epochs:
-                return "done", epochs
+        try:
+            with open(metrics) as f:
+                if json.load(f).get("epochs") == epochs:
+                    return "done", epochs
+        except json.JSONDecodeError:  # cut short while being written: evaluate again
+            pass
     ckpt = os.path.join(run_dir, "checkpoint.pt")
     if os.path.isfile(ckpt):
         from iwae_ext.train import _read_checkpoint

@@ -3,6 +3,7 @@ and its O(step^2) energy error, HMC's invariance for a correlated Gaussian, AIS'
 linear-Gaussian model, the hand-written decoder gradient against autograd, and a 2-D-latent
 model whose log p(x) a dense grid gives (AIS agrees, L_5000 stays below, BDMC sandwiches)."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -182,16 +183,21 @@ def test_ais_with_a_grad_fn_and_cuda_graph(device, cuda_graph):
     assert 0.4 < float(res.acceptance_rate.mean()) < 0.95
 
 
-@pytest.mark.skipif(DEVICES[1].marks[0].args[0], reason="needs a CUDA device and kernels")
-def test_no_host_synchronisation_in_the_temperature_loop():
-    """torch.cuda.set_sync_debug_mode('error') raises on any device-to-host read: the AIS loop of
-    a package model (hand-written gradient) runs through it (eagerly; the graphed loop only
-    replays, after a capture that synchronises once)."""
-    torch.manual_seed(16)
+def _small_cuda_model_chains(seed):
+    """AIS densities of a small package model (hand-written gradient) on CUDA: 8 chains for each
+    of 4 data points, and their generator."""
+    torch.manual_seed(seed)
     model = VAE(x_dim=20, latent_dims=(3,), hidden=(8,)).double().cuda().eval()
     x = torch.rand(4, 20, dtype=torch.float64, device="cuda").round()
-    g = torch.Generator(device="cuda").manual_seed(17)
-    dens = samplers.model_ais_densities(model, x, 8, "posterior", True, g)
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    return samplers.model_ais_densities(model, x, 8, "posterior", True, g), g
+
+
+@pytest.mark.skipif(DEVICES[1].marks[0].args[0], reason="needs a CUDA device and kernels")
+def test_no_host_synchronisation_in_the_temperature_loop():
+    """torch.cuda.set_sync_debug_mode('error') raises on any device-to-host read or blocking copy
+    (a plain .to() of the schedule was one): the eager AIS loop of a package model runs through it."""
+    dens, g = _small_cuda_model_chains(16)
     betas = samplers.sigmoid_schedule(12)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -204,26 +210,25 @@ def test_no_host_synchronisation_in_the_temperature_loop():
 
 
 @pytest.mark.skipif(DEVICES[1].marks[0].args[0], reason="needs a CUDA device and kernels")
-def test_no_host_synchronisation_in_the_graphed_loop_replays():
-    """The schedule reaches the GPU by an asynchronous copy and the replays never read back:
-    after the capture (which synchronises once, like any capture) sync-debug mode 'error' sees
-    no synchronisation in the rest of the run."""
-    torch.manual_seed(18)
-    model = VAE(x_dim=20, latent_dims=(3,), hidden=(8,)).double().cuda().eval()
-    x = torch.rand(4, 20, dtype=torch.float64, device="cuda").round()
-    g = torch.Generator(device="cuda").manual_seed(19)
-    dens = samplers.model_ais_densities(model, x, 8, "posterior", True, g)
+def test_cuda_graph_captures_once_and_replays_every_later_temperature():
+    """The graphed loop of a package model: the capture succeeds (no fallback warning), every
+    temperature after the eager warm-up is one replay, and a replay never synchronises
+    (sync-debug mode 'error' around each; the host does nothing else between them)."""
+    dens, g = _small_cuda_model_chains(18)
     betas = samplers.sigmoid_schedule(40)
     graphed = samplers._hmc._ais_graphed
     seen = []
 
-    def watched(*args, **kw):  # error mode from the first replay on
+    def watched(*args, **kw):
         original_replay = torch.cuda.CUDAGraph.replay
 
         def replay(self):
             torch.cuda.set_sync_debug_mode("error")
+            try:
+                original_replay(self)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
             seen.append(1)
-            return original_replay(self)
 
         torch.cuda.CUDAGraph.replay = replay
         try:
@@ -233,10 +238,11 @@ def test_no_host_synchronisation_in_the_graphed_loop_replays():
 
     samplers._hmc._ais_graphed = watched
     try:
-        res = samplers.ais(None, None, dens.z0, betas, 3, 0.05, grad_fn=dens.grad_fn, generator=g,
-                           cuda_graph=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="ais: the temperature loop could not be captured")
+            res = samplers.ais(None, None, dens.z0, betas, 3, 0.05, grad_fn=dens.grad_fn, generator=g,
+                               cuda_graph=True)
     finally:
-        torch.cuda.set_sync_debug_mode("default")
         samplers._hmc._ais_graphed = graphed
     assert len(seen) == betas.numel() - 1 - 3  # every temperature after the 3 eager warm-ups
     assert torch.isfinite(res.log_weights).all()
