@@ -236,7 +236,7 @@ def ais(log_init: LogDensity | None, log_target: LogDensity | None, z0: Tensor, 
         if not isinstance(fixed, Tensor) or fixed.shape != (betas.numel() - 1,):
             raise ValueError(f"ais: temperature_step_sizes must be a tensor of shape [{betas.numel() - 1}] "
                              f"(one per transition), got {getattr(fixed, 'shape', type(fixed).__name__)}")
-        fixed = fixed.detach().to(dtype=z0.dtype, device=z0.device)
+        fixed = _to_device(fixed.detach().to(dtype=z0.dtype), z0.device)
         adapt_step_size = False
         step_size = 1.0
     step = _per_chain(step_size, "step_size", z0, fn)
