@@ -3,11 +3,13 @@
 The compiled operators live in ``torch.ops.iwae_ext``; ``iwae_ext.ops`` holds their typed,
 differentiable wrappers and ``iwae_ext.ops.reference`` their pure-PyTorch twins. On top:
 ``data`` (data sets), ``models`` (VAE/IWAE modules), ``objectives`` (bounds and gradient
-estimators), ``train`` / ``TrainConfig`` / ``load_checkpoint`` (the trainer), ``evaluate``.
+estimators), ``train`` / ``TrainConfig`` / ``load_checkpoint`` (the trainer), ``evaluate``;
+``samplers`` (HMC, AIS, SIR) and ``plots`` (matplotlib figures) load on first use.
 """
-import re
+import importlib as _importlib
+import re as _re
 
-import torch  # loads libtorch before the extension
+import torch as _torch  # loads libtorch before the extension
 
 from . import _extension
 
@@ -15,12 +17,23 @@ _C = _extension.load()
 
 from . import ops  # noqa: E402  (registers fake kernels and autograd)
 from . import data, evaluate, models, objectives  # noqa: E402  (iwae_ext.plots: import it)
-from .train import TrainConfig, load_checkpoint, train  # noqa: E402
+from .train import CorruptCheckpointError, TrainConfig, load_checkpoint, train  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["build_info", "ops", "data", "models", "objectives", "evaluate", "train", "TrainConfig",
-           "load_checkpoint", "__version__"]
+           "load_checkpoint", "CorruptCheckpointError", "__version__"]
+_LAZY = ("samplers", "plots", "report")
+
+
+def __getattr__(name):  # PEP 562: iwae_ext.samplers / .plots / .report import on first use
+    if name in _LAZY:
+        return _importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'iwae_ext' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def build_info() -> dict:
@@ -28,17 +41,17 @@ def build_info() -> dict:
 
     ``ops`` maps each operator to the devices that have a kernel for it.
     """
-    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    has = _torch._C._dispatch_has_kernel_for_dispatch_key
     op_names = [f"iwae_ext::{name}" for name in ops.OP_NAMES]
     devices = {name: [d for d in ("CPU", "CUDA") if has(name, d)] for name in op_names}
     cuda_kernels = any("CUDA" in d for d in devices.values())
     return {
         "version": __version__,
-        "torch": torch.__version__,
+        "torch": _torch.__version__,
         "built_with_torch": _C.built_with_torch,
         "cuda_kernels": cuda_kernels,
-        "cuda_arch_list": re.split(r"[;\s]+", _C.cuda_arch_list.strip()) if cuda_kernels else [],
-        "torch_cuda_version": torch.version.cuda,
+        "cuda_arch_list": _re.split(r"[;\s]+", _C.cuda_arch_list.strip()) if cuda_kernels else [],
+        "torch_cuda_version": _torch.version.cuda,
         "openmp": bool(_C.openmp),
         "openmp_version": _C.openmp or None,
         "compiler": _C.compiler,

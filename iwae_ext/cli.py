@@ -108,6 +108,7 @@ def train_main(argv=None) -> int:
         args["out"] = "runs/{}-k{}-{}-{}".format(args.get("model", d.model), args.get("k", d.k),
                                                  args.get("dataset", d.dataset),
                                                  time.strftime("%Y%m%d-%H%M%S"))
+    print(f"iwae-train: run directory {args['out']}", flush=True)
     try:
         metrics = train(**args)
     except NonFiniteLossError as e:
@@ -145,8 +146,8 @@ def eval_main(argv=None) -> int:
     p.add_argument("checkpoint", help="checkpoint.pt or a run directory")
     p.add_argument("--k", type=int, default=5000, help="importance samples for L_k (default 5000)")
     p.add_argument("--split", default="test", help="data split (default test)")
-    p.add_argument("--limit", type=int, default=0,
-                   help="evaluate N images, a seeded random choice (0: all)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate N images, a seeded random choice (default: all)")
     p.add_argument("--dataset", default=None, help="default: the run's data set")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--batch-size", type=int, default=100)
@@ -172,6 +173,14 @@ def eval_main(argv=None) -> int:
                    help="also run BDMC on N points simulated from the model with the AIS settings: "
                         "forward (lower) and reverse (upper) bounds of their log p(x)")
     args = p.parse_args(argv)
+    for name in ("k", "batch_size", "ais_chains", "ais_temps", "ais_leapfrog"):
+        value = getattr(args, name)
+        if value < (2 if name == "ais_temps" else 1):
+            p.error(f"--{name.replace('_', '-')} must be >= {2 if name == 'ais_temps' else 1}, got {value}")
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit must be >= 1 (leave it out to evaluate every image), got {args.limit}")
+    if args.bdmc < 0:
+        p.error(f"--bdmc must be >= 0, got {args.bdmc}")
     try:
         model, ckpt = load_checkpoint(args.checkpoint, map_location=args.device, with_state=True)
         dataset = load_dataset(args.dataset or ckpt["config"]["dataset"], args.data_dir)
@@ -179,6 +188,10 @@ def eval_main(argv=None) -> int:
         x = dataset.batch(args.split, slice(None), gen)
     except (DataError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"iwae-eval: error: {e}", file=sys.stderr)
+        return 2
+    if args.limit is not None and args.limit > x.shape[0]:
+        print(f"iwae-eval: error: --limit {args.limit} is larger than the {args.split} split "
+              f"({x.shape[0]} images)", file=sys.stderr)
         return 2
     ais_settings = (dict(num_chains=args.ais_chains, num_temps=args.ais_temps, num_leapfrog=args.ais_leapfrog,
                          schedule=args.ais_schedule, init=args.ais_init) if args.ais else None)
@@ -199,7 +212,11 @@ def eval_main(argv=None) -> int:
     if args.limit:  # a random choice, never a prefix (the test split is sorted by digit)
         x = x[torch.randperm(x.shape[0], generator=gen)[:args.limit]]
     torch.manual_seed(args.seed)
-    b = evaluate.bounds(model, x, args.k, args.batch_size, progress=args.progress)
+    try:
+        b = evaluate.bounds(model, x, args.k, args.batch_size, progress=args.progress, desc=args.split)
+    except (ValueError, TypeError) as e:
+        print(f"iwae-eval: error: {e}", file=sys.stderr)
+        return 2
     units = evaluate.active_units(model, x)
     result = {
         "checkpoint": args.checkpoint, "split": args.split, "n": x.shape[0], "k": args.k,

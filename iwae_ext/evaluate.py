@@ -35,33 +35,59 @@ def _param(model) -> Tensor:
     return next(model.parameters())
 
 
-def _check(x: Tensor, k: int, batch_size: int):
+def _likelihood(model) -> str | None:
+    """The model's observation model ("bernoulli", "gaussian") where it says."""
+    config = getattr(model, "config", None)
+    if isinstance(config, dict) and isinstance(config.get("likelihood"), str):
+        return config["likelihood"]
+    value = getattr(model, "likelihood", None)
+    return value if isinstance(value, str) else None
+
+
+def _check(x: Tensor, k: int, batch_size: int, model=None):
+    """Arguments of every evaluation function; with ``model``, also the data: floating point, no
+    NaN, and in [0, 1] for a Bernoulli decoder (one read of x to the host, before any loop)."""
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a tensor of shape [N, D], got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-    if not isinstance(k, int) or k < 1:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if model is None:
+        return
+    if not x.is_floating_point():
+        hint = " (0-255 images: x.float() / 255, then binarise)" if x.dtype == torch.uint8 else ""
+        raise TypeError(f"x must be floating point with values in [0, 1], got {x.dtype}{hint}")
+    if x.numel() == 0:
+        return
+    nan = torch.isnan(x).any(1)
+    lo, hi, any_nan = torch.stack([x.min().double(), x.max().double(), nan.any().double()]).tolist()
+    if any_nan:
+        raise ValueError(f"x holds NaN (first in row {int(nan.nonzero()[0, 0])} of {x.shape[0]})")
+    if _likelihood(model) == "bernoulli" and (lo < 0 or hi > 1):
+        hint = " (0-255 images? divide by 255)" if hi > 1 else ""
+        raise ValueError(f"x must be in [0, 1] for a model with a Bernoulli decoder, got values in "
+                         f"[{lo:g}, {hi:g}]{hint}")
 
 
 @torch.no_grad()
 def bounds(model, x: Tensor, k: int = 5000, batch_size: int = 100, max_rows: int = 50_000,
-           progress: bool = False) -> Bounds:
+           progress: bool = False, desc: str | None = None) -> Bounds:
     """L_k and the ELBO per data point, from the same k importance samples per point.
 
     L_k = log (1/k) sum_i w_i (Burda et al. 2016, eq. 8), combined across chunks of samples
     exactly (a log-sum-exp of the chunks' log-mean-exps weighted by their sizes);
-    ELBO = (1/k) sum_i log w_i.
+    ELBO = (1/k) sum_i log w_i. ``desc`` names the progress bar (e.g. the split).
     """
-    _check(x, k, batch_size)
+    _check(x, k, batch_size, model)
     p = _param(model)
     lls, elbos = [], []
     n_batches = math.ceil(x.shape[0] / batch_size)
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=n_batches, desc=f"L_{k}", unit="batch", leave=False)
+        bar = tqdm(total=n_batches, desc=f"{desc} L_{k}" if desc else f"L_{k}", unit="batch", leave=False)
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size].to(device=p.device, dtype=p.dtype)
         chunk = max(1, min(k, max_rows // xb.shape[0]))
@@ -99,7 +125,7 @@ def active_units(model, x: Tensor, batch_size: int = 1000, threshold: float = AC
     Returns {"active": [count per layer], "variances": [tensor [Z_i] per layer]}. The top layer of
     a two-layer model takes E_q[z2] = E_{q(z1|x)}[mean of q(z2|z1)] by ``num_samples`` draws.
     """
-    _check(x, 1, batch_size)
+    _check(x, 1, batch_size, model)
     p = _param(model)
     means = None
     for start in range(0, x.shape[0], batch_size):
@@ -114,7 +140,7 @@ def active_units(model, x: Tensor, batch_size: int = 1000, threshold: float = AC
 def reconstruction_error(model, x: Tensor, batch_size: int = 1000) -> Tensor:
     """-log p(x | z1 = E_q[z1]) per data point [N]: the negative log-likelihood of x under the
     decoder at the posterior mean (binary cross-entropy summed over pixels for Bernoulli data)."""
-    _check(x, 1, batch_size)
+    _check(x, 1, batch_size, model)
     p = _param(model)
     out = []
     for start in range(0, x.shape[0], batch_size):
@@ -168,7 +194,7 @@ def ais_log_likelihood(model, x: Tensor, num_chains: int = 16, num_temps: int = 
     ``return_details``: an :class:`AISEstimate` with every chain's weight and the diagnostics.
     """
     from .samplers import ais, model_ais_densities
-    _check(x, 1, batch_size)
+    _check(x, 1, batch_size, model)
     betas = _schedule(schedule, num_temps)
     p = _param(model)
     was_training = model.training
@@ -280,7 +306,7 @@ def reconstruction_error_qiw(model, x: Tensor, k: int = 100, batch_size: int = 1
     """-log p(x | z) per data point [N] with z one draw from q_IW(z|x) with k proposals (paper
     001: reconstructions through importance resampling rather than the encoder alone)."""
     from .samplers import sir
-    _check(x, k, batch_size)
+    _check(x, k, batch_size, model)
     p = _param(model)
     out = []
     for start in range(0, x.shape[0], batch_size):

@@ -86,6 +86,11 @@ def write_report(model, dataset, out_dir: str, run_dir: str | None = None, k: in
     return m
 
 
+def _cell(text: str) -> str:
+    """A table cell's text with its pipes escaped (p(x|z) would otherwise split the cell)."""
+    return str(text).replace("|", "\\|")
+
+
 def _markdown(m: dict) -> str:
     def se(v):
         return f" +- {v:.2f}" if v is not None else ""
@@ -106,7 +111,7 @@ def _markdown(m: dict) -> str:
            f"k = {m['k']} importance samples; {m['n_test']} test and {m['n_train']} train images "
            f"(a seeded random choice). Values in nats per image; +- is the standard error over images.", "",
            "| metric | value |", "| --- | ---: |"]
-    out += [f"| {a} | {b} |" for a, b in rows]
+    out += [f"| {_cell(a)} | {_cell(b)} |" for a, b in rows]
     out += ["", "## Figures", ""]
     out += [f"- ![{name}]({name}) {desc}" for name, desc in m["figures"].items()]
     return "\n".join(out) + "\n"

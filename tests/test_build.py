@@ -24,6 +24,19 @@ def test_build_info_reports_what_was_compiled():
             assert "CUDA" in info["ops"][f"iwae_ext::{name}"]
 
 
+def test_the_package_namespace():
+    """samplers, plots and report are attributes (loaded on first use); no stray modules."""
+    for name in ("re", "torch", "importlib"):
+        assert not hasattr(iwae_ext, name), name
+    assert iwae_ext.samplers.ais is importlib.import_module("iwae_ext.samplers").ais
+    assert callable(iwae_ext.plots.manifold) and callable(iwae_ext.report.write_report)
+    assert {"samplers", "plots"} <= set(dir(iwae_ext))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        iwae_ext.nope  # noqa: B018
+    for name in iwae_ext.__all__:
+        assert hasattr(iwae_ext, name), name
+
+
 def test_missing_extension_says_how_to_build(monkeypatch):
     def missing(name):
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)

@@ -109,3 +109,31 @@ def test_bad_arguments():
         evaluate.bounds(m, torch.zeros(3, 1), k=0)
     with pytest.raises(ValueError, match=r"x must be a tensor of shape \[N, D\]"):
         evaluate.bounds(m, torch.zeros(3), k=5)
+
+
+def test_data_that_a_model_cannot_score_is_refused_by_name():
+    """0-255 images under a Bernoulli decoder would score +146,645 'nats'; uint8 and NaN are
+    refused too, by every evaluation function; a Gaussian decoder takes any real x."""
+    torch.manual_seed(0)
+    model = VAE(x_dim=6, latent_dims=(2,), hidden=(5,))
+    x = torch.rand(4, 6).round()
+    fns = {"bounds": lambda x: evaluate.bounds(model, x, 3),
+           "active_units": lambda x: evaluate.active_units(model, x),
+           "reconstruction_error": lambda x: evaluate.reconstruction_error(model, x),
+           "ais_log_likelihood": lambda x: evaluate.ais_log_likelihood(model, x, 2, 3, 1),
+           "reconstruction_error_qiw": lambda x: evaluate.reconstruction_error_qiw(model, x, 3)}
+    for name, fn in fns.items():
+        fn(x)  # fine
+        with pytest.raises(ValueError, match=r"x must be in \[0, 1\] for a model with a Bernoulli decoder, "
+                                             r"got values in \[0, 255\] \(0-255 images\? divide by 255\)"):
+            fn(x * 255)
+        with pytest.raises(TypeError, match=r"x must be floating point .* got torch.uint8 \(0-255 images"):
+            fn((x * 255).to(torch.uint8))
+        bad = x.clone()
+        bad[2, 3] = float("nan")
+        with pytest.raises(ValueError, match=r"x holds NaN \(first in row 2 of 4\)"):
+            fn(bad)
+        with pytest.raises(ValueError, match="x must be in"):
+            fn(x - 0.5)
+    gaussian = VAE(x_dim=6, latent_dims=(2,), hidden=(5,), likelihood="gaussian")
+    assert torch.isfinite(evaluate.bounds(gaussian, x * 255 - 3, 3).log_likelihood).all()

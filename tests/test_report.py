@@ -2,6 +2,7 @@
 plotted is checked (not the pixels)."""
 import json
 import os
+import re
 import struct
 
 import pytest
@@ -69,6 +70,11 @@ def test_eval_report_writes_everything(tmp_path, capsys):
     text = open(os.path.join(rep, "report.md")).read()
     for key in ("test L_k", "train L_k", "AIS NLL", "generalisation gap", "active units", "q_IW"):
         assert key in text, key
+    # every table row has two cells: a '|' inside a cell (-log p(x|z)) is escaped
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(rows) > 5 and "p(x\\|z)" in text
+    for line in rows:
+        assert len(re.split(r"(?<!\\)\|", line)) == 4, line
     assert m["n_test"] == 30 and m["n_train"] == 30
     assert abs(m["generalization_gap"] - (m["train_log_likelihood"] - m["test_log_likelihood"])) < 1e-9
     saved = json.load(open(os.path.join(rep, "metrics.json")))

@@ -1,6 +1,8 @@
 """Trainer and CLIs on tiny subsets: exact resume, non-finite loss, checkpoints, bad input."""
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
 
@@ -11,7 +13,8 @@ import torch
 import iwae_ext
 from iwae_ext import cli
 from iwae_ext.data import Dataset
-from iwae_ext.train import NonFiniteLossError, TrainConfig, burda_schedule, load_checkpoint
+from iwae_ext.train import (CHECKPOINT_FORMAT, CorruptCheckpointError, NonFiniteLossError, TrainConfig,
+                            burda_schedule, load_checkpoint)
 
 TINY = dict(subset=300, batch_size=50, k=3, hidden=[[20]], latent_dim=[4], eval_k=10,
             train_eval_size=50, progress=False)
@@ -151,6 +154,7 @@ def test_cli_train_and_eval_on_a_tiny_subset(tmp_path, capsys):
                          "20", "--estimator", "stl", "--out", out, "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
+    assert printed.startswith(f"iwae-train: run directory {out}\n")  # said first, before training
     assert "test log-likelihood L_5" in printed and out in printed
     assert cli.eval_main([out, "--k", "7", "--limit", "30", "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -169,3 +173,74 @@ def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "iwae_ext.train", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--estimator" in r.stdout and "--schedule" in r.stdout
     assert "RuntimeWarning" not in r.stderr
+
+
+def _weight_data_offset(path):
+    """The byte offset, in a torch.save zip, of the largest tensor's raw data (stored
+    uncompressed, as <archive>/data/<n>), and its length."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if re.search(r"/data/\d+$", i.filename)),
+                   key=lambda i: i.file_size)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def test_a_checkpoint_with_bytes_changed_inside_a_tensor_is_refused(tmp_path):
+    out = str(tmp_path / "run")
+    iwae_ext.train(out=out, epochs=1, **TINY)
+    path = os.path.join(out, "checkpoint.pt")
+    load_checkpoint(out)  # verified
+    offset, size = _weight_data_offset(path)
+    with open(path, "r+b") as f:
+        f.seek(offset + size // 2)
+        f.write(b"\x12\x34\x56\x78")
+    torch.load(path, weights_only=True)  # torch itself does not notice
+    with pytest.raises(CorruptCheckpointError, match=f"{re.escape(path)} is corrupt"):
+        load_checkpoint(out)
+    with pytest.raises(CorruptCheckpointError):
+        iwae_ext.train(out=out, resume=True, epochs=2)
+    assert cli.eval_main([out, "--k", "2", "--no-progress"]) == 2
+
+
+def test_a_file_that_is_not_a_checkpoint_gets_no_unsafe_advice(tmp_path, capsys):
+    os.makedirs(tmp_path / "junk")
+    path = str(tmp_path / "junk" / "checkpoint.pt")
+    cases = {
+        "text": lambda: open(path, "w").write("not a checkpoint\n"),
+        "truncated": lambda: open(path, "wb").write(b"PK\x03\x04" + b"\x00" * 40),
+        "a pickled object": lambda: torch.save({"format": CHECKPOINT_FORMAT, "x": TrainConfig()}, path),
+        "another dict": lambda: torch.save({"weights": torch.zeros(3)}, path),
+    }
+    for what, write in cases.items():
+        write()
+        with pytest.raises(CorruptCheckpointError) as e:
+            load_checkpoint(path)
+        assert path in str(e.value), what
+        assert "weights_only=False" not in str(e.value) and e.value.__cause__ is None, what
+        assert cli.eval_main([path, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "weights_only=False" not in err and "Traceback" not in err, (what, err)
+
+
+def _eval_status(argv):
+    try:
+        return cli.eval_main(argv)
+    except SystemExit as e:  # argparse's errors
+        return e.code
+
+
+def test_iwae_eval_refuses_bad_arguments_in_one_line(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    iwae_ext.train(out=out, epochs=1, **TINY)
+    capsys.readouterr()
+    for argv, message in ((["--k", "0"], "--k must be >= 1"), (["--limit", "0"], "--limit must be >= 1"),
+                          (["--limit", "-3"], "--limit must be >= 1"),
+                          (["--limit", "10001"], "--limit 10001 is larger than the test split (10000 images)"),
+                          (["--ais-temps", "1"], "--ais-temps must be >= 2")):
+        assert _eval_status([out, "--no-progress", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)

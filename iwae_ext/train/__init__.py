@@ -14,12 +14,14 @@ boundary after writing a checkpoint; a second SIGINT stops at once.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -30,8 +32,8 @@ from ..data import DATASETS, Dataset, load_dataset
 from ..models import VAE
 from ..objectives import ESTIMATORS, KL_ESTIMATORS, aiwae_step, objective
 
-__all__ = ["TrainConfig", "train", "load_checkpoint", "NonFiniteLossError", "burda_schedule",
-           "CHECKPOINT_FORMAT"]
+__all__ = ["TrainConfig", "train", "load_checkpoint", "NonFiniteLossError", "CorruptCheckpointError",
+           "burda_schedule", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "iwae_ext.checkpoint/1"
 MODELS = ("vae", "iwae", "iwaer", "iwaer_rec", "aiwae", "ae")
@@ -48,6 +50,11 @@ BURDA_STAGES = 8  # stage i = 0..7: 3^i passes at lr 1e-3 * 10^(-i/7)
 
 class NonFiniteLossError(RuntimeError):
     """Training met a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read, is not an iwae_ext checkpoint, or whose tensors no
+    longer match the digest written with them."""
 
 
 @dataclass
@@ -207,6 +214,11 @@ def _init_from(model: VAE, path: str) -> VAE:
     return VAE.from_deterministic(source, model.random_weights, model.config["rho_init"])
 
 
+def _with_digest(ckpt: dict) -> dict:
+    ckpt["digest"] = _state_digest(ckpt)
+    return ckpt
+
+
 def _save_atomic(obj, path: str):
     tmp = f"{path}.tmp.{os.getpid()}"
     torch.save(obj, tmp)
@@ -215,13 +227,53 @@ def _save_atomic(obj, path: str):
     os.replace(tmp, path)
 
 
+def _state_digest(ckpt: dict) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every tensor of the model and optimizer
+    states (in a fixed order): what a checkpoint's "digest" entry records."""
+    h = hashlib.sha256()
+
+    def walk(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"{prefix}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, dict):
+            for key in sorted(obj, key=str):
+                walk(f"{prefix}/{key}", obj[key])
+        elif isinstance(obj, (list, tuple)):
+            for i, item in enumerate(obj):
+                walk(f"{prefix}/{i}", item)
+        else:
+            h.update(f"{prefix}={obj!r};".encode())
+
+    walk("model", ckpt["model_state"])
+    walk("optimizer", ckpt.get("optimizer_state", {}))
+    return h.hexdigest()
+
+
 def _read_checkpoint(path: str, map_location="cpu") -> dict:
-    """A checkpoint file's dict, loaded with weights_only=True and its format checked."""
+    """A checkpoint file's dict, loaded with weights_only=True, its format checked and its tensors
+    verified against the digest written with them (CorruptCheckpointError otherwise)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch's message would advise weights_only=False: never for a bad file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorruptCheckpointError(
+            f"{path} is not a readable iwae_ext checkpoint ({type(e).__name__}: {first[:200]}); "
+            f"it may be truncated or another kind of file. Use an earlier checkpoint or train again"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an iwae_ext checkpoint (format {CHECKPOINT_FORMAT})")
+        raise CorruptCheckpointError(f"{path} is not an iwae_ext checkpoint (format {CHECKPOINT_FORMAT})")
+    want = ckpt.get("digest")
+    if want is None:
+        warnings.warn(f"{path} was written without a digest (an older iwae_ext); its tensors are not "
+                      f"verified", stacklevel=3)
+    elif _state_digest(ckpt) != want:
+        raise CorruptCheckpointError(
+            f"{path} is corrupt: its tensors do not match the sha256 digest written with them "
+            f"(bytes changed on disk after it was saved). Use an earlier checkpoint or train again")
     return ckpt
 
 
@@ -373,7 +425,7 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
     def checkpoint(epoch, step, perm, sums):
         if not out:
             return
-        _save_atomic({
+        _save_atomic(_with_digest({
             "format": CHECKPOINT_FORMAT,
             "config": config.to_dict(),
             "model_config": model.config,
@@ -385,7 +437,7 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
                             **({"hmc_step_sizes": hmc_steps.cpu(), "accept_sum": accept_sum.cpu()}
                                if aiwae else {})},
             "history": history,
-        }, os.path.join(out, "checkpoint.pt"))
+        }), os.path.join(out, "checkpoint.pt"))
 
     bar = None
     if config.progress and epoch < config.epochs:
@@ -503,13 +555,13 @@ def final_metrics(model, dataset: Dataset, config: TrainConfig, history: list,
         torch.manual_seed(config.seed + 3)
         x_test = _eval_data(dataset, "test", gen)
         test = evaluate.bounds(model, x_test, config.eval_k, config.eval_batch_size,
-                               progress=config.progress)
+                               progress=config.progress, desc="test")
         x_train = _eval_data(dataset, "train", gen)
         if config.train_eval_size and config.train_eval_size < x_train.shape[0]:
             pick = torch.randperm(x_train.shape[0], generator=gen)[:config.train_eval_size]
             x_train = x_train[pick]
         train_b = evaluate.bounds(model, x_train, config.eval_k, config.eval_batch_size,
-                                  progress=config.progress)
+                                  progress=config.progress, desc="train")
         units = evaluate.active_units(model, x_test)
         recon = evaluate.reconstruction_error(model, x_test)
     eval_seconds = time.perf_counter() - t0
