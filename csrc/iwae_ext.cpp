@@ -116,6 +116,10 @@ TORCH_LIBRARY(iwae_ext, m) {
         "Tensor log_uniform, Tensor step_size, Tensor accept_avg, float target_accept, "
         "float decay, float inc, float dec, float min_step, float max_step, bool adapt) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Counter-based random numbers (csrc/random.h) -> [rows, B, dim] on index's device:
+  // element (r, b, d) a function of (seed, index[b], row_start + r, step, stream, d) only.
+  m.def("keyed_random(Tensor index, Tensor step, int seed, int stream, int rows, int row_start, "
+        "int dim, bool normal, ScalarType dtype) -> Tensor");
 }
 
 // iwae_ext._C: importing it loads this library (and so registers the ops); its attributes

@@ -3,8 +3,8 @@
 The compiled operators live in ``torch.ops.iwae_ext``; ``iwae_ext.ops`` holds their typed,
 differentiable wrappers and ``iwae_ext.ops.reference`` their pure-PyTorch twins. On top:
 ``data`` (data sets), ``models`` (VAE/IWAE modules), ``objectives`` (bounds and gradient
-estimators), ``train`` / ``TrainConfig`` / ``load_checkpoint`` (the trainer), ``evaluate``;
-``samplers`` (HMC, AIS, SIR) and ``plots`` (matplotlib figures) load on first use.
+estimators), ``train`` / ``TrainConfig`` / ``load_checkpoint`` (the trainer); ``evaluate``,
+``samplers`` (HMC, AIS, SIR), ``plots`` (matplotlib figures) and ``report`` load on first use.
 """
 import importlib as _importlib
 import re as _re
@@ -16,17 +16,18 @@ from . import _extension
 _C = _extension.load()
 
 from . import ops  # noqa: E402  (registers fake kernels and autograd)
-from . import data, evaluate, models, objectives  # noqa: E402  (iwae_ext.plots: import it)
+from . import data, models, objectives  # noqa: E402
+from .protocol import LatentVariableModel  # noqa: E402
 from .train import CorruptCheckpointError, TrainConfig, load_checkpoint, train  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["build_info", "ops", "data", "models", "objectives", "evaluate", "train", "TrainConfig",
-           "load_checkpoint", "CorruptCheckpointError", "__version__"]
-_LAZY = ("samplers", "plots", "report")
+           "load_checkpoint", "CorruptCheckpointError", "LatentVariableModel", "__version__"]
+_LAZY = ("evaluate", "samplers", "plots", "report")
 
 
-def __getattr__(name):  # PEP 562: iwae_ext.samplers / .plots / .report import on first use
+def __getattr__(name):  # PEP 562: iwae_ext.evaluate / .samplers / .plots / .report on first use
     if name in _LAZY:
         return _importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'iwae_ext' has no attribute {name!r}")

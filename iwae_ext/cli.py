@@ -142,7 +142,9 @@ def eval_main(argv=None) -> int:
     from .data import DataError, load_dataset
     from .train import load_checkpoint
 
-    p = argparse.ArgumentParser(prog="iwae-eval", description="Evaluate a training run's checkpoint.")
+    p = argparse.ArgumentParser(
+        prog="iwae-eval", description="Evaluate a training run's checkpoint. Under torchrun the images are "
+        "split across the processes (gloo on CPUs, NCCL on GPUs) and rank 0 reports.")
     p.add_argument("checkpoint", help="checkpoint.pt or a run directory")
     p.add_argument("--k", type=int, default=5000, help="importance samples for L_k (default 5000)")
     p.add_argument("--split", default="test", help="data split (default test)")
@@ -154,6 +156,11 @@ def eval_main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-point", metavar="PATH", help="also save per-data-point L_k and ELBO (.pt)")
+    p.add_argument("--out", metavar="DIR",
+                   help="write per-image results into DIR as they finish (<split>-<estimator>.rank<r>.jsonl, "
+                        "one JSON line per image) and results.json at the end")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the evaluation in --out: images already there are not computed again")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--report", metavar="DIR",
                    help="write the evaluation report into DIR: metrics.json, report.md and the figures "
@@ -181,17 +188,32 @@ def eval_main(argv=None) -> int:
         p.error(f"--limit must be >= 1 (leave it out to evaluate every image), got {args.limit}")
     if args.bdmc < 0:
         p.error(f"--bdmc must be >= 0, got {args.bdmc}")
+    if args.resume and not args.out:
+        p.error("--resume needs --out (the directory of the evaluation to continue)")
+    from . import _eval_run
+    device = _eval_run.Dist.device_of(args.device)
     try:
-        model, ckpt = load_checkpoint(args.checkpoint, map_location=args.device, with_state=True)
+        d = _eval_run.Dist(torch.device(device))
+    except (RuntimeError, ValueError) as e:
+        print(f"iwae-eval: error: could not join the torch.distributed job: {e}", file=sys.stderr)
+        return 2
+    try:
+        model, ckpt = load_checkpoint(args.checkpoint, map_location=device, with_state=True)
         dataset = load_dataset(args.dataset or ckpt["config"]["dataset"], args.data_dir)
         gen = torch.Generator().manual_seed(args.seed)
         x = dataset.batch(args.split, slice(None), gen)
     except (DataError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"iwae-eval: error: {e}", file=sys.stderr)
+        d.close()
         return 2
     if args.limit is not None and args.limit > x.shape[0]:
         print(f"iwae-eval: error: --limit {args.limit} is larger than the {args.split} split "
               f"({x.shape[0]} images)", file=sys.stderr)
+        d.close()
+        return 2
+    if args.report and d.world > 1:
+        print("iwae-eval: error: --report runs in one process (launch it without torchrun)", file=sys.stderr)
+        d.close()
         return 2
     ais_settings = (dict(num_chains=args.ais_chains, num_temps=args.ais_temps, num_leapfrog=args.ais_leapfrog,
                          schedule=args.ais_schedule, init=args.ais_init) if args.ais else None)
@@ -209,65 +231,112 @@ def eval_main(argv=None) -> int:
         print(json.dumps({k: v for k, v in m.items() if k != "model"}, indent=1))
         print(f"iwae-eval: report written to {os.path.join(args.report, 'report.md')}", file=sys.stderr)
         return 0
+    index = torch.arange(x.shape[0])
     if args.limit:  # a random choice, never a prefix (the test split is sorted by digit)
-        x = x[torch.randperm(x.shape[0], generator=gen)[:args.limit]]
-    torch.manual_seed(args.seed)
+        index = torch.randperm(x.shape[0], generator=gen)[:args.limit]
+        x = x[index]
+    settings = {"checkpoint_digest": ckpt.get("digest"), "dataset": args.dataset or ckpt["config"]["dataset"],
+                "split": args.split, "limit": args.limit, "seed": args.seed, "k": args.k, "ais": ais_settings,
+                "bdmc": args.bdmc}
     try:
-        b = evaluate.bounds(model, x, args.k, args.batch_size, progress=args.progress, desc=args.split)
-    except (ValueError, TypeError) as e:
+        if args.out:
+            _eval_run.check_settings(args.out, settings, args.resume, d.rank, d)
+        rows = _eval_run.run(f"{args.split}-L{args.k}", lambda pos: _lk_rows(model, x, index, pos, args),
+                             index, args.batch_size, d, args.out, args.resume, args.progress,
+                             f"{args.split} L_{args.k}")
+        ais_rows = bdmc_rows = None
+        if args.ais:
+            ais_rows = _eval_run.run(f"{args.split}-ais", lambda pos: _ais_rows(model, x, index, pos, args),
+                                     index, args.batch_size, d, args.out, args.resume, args.progress,
+                                     f"{args.split} AIS T={args.ais_temps}")
+        if args.bdmc:
+            points = torch.arange(args.bdmc)
+            bdmc_rows = _eval_run.run("bdmc", lambda pos: _bdmc_rows(model, pos, args), points,
+                                      args.batch_size, d, args.out, args.resume, args.progress,
+                                      f"BDMC T={args.ais_temps}")
+    except (ValueError, TypeError, FileExistsError) as e:
         print(f"iwae-eval: error: {e}", file=sys.stderr)
+        d.close()
         return 2
+    if d.rank != 0:  # rank 0 reports what one process would
+        d.close()
+        return 0
+    col = lambda rs, key: torch.tensor([r[key] for r in rs], dtype=torch.float64)  # noqa: E731
+    ll, elbo_ = col(rows, "log_likelihood"), col(rows, "elbo")
+    n = x.shape[0]
+    sem = lambda t: float(t.std() / math.sqrt(n)) if n > 1 else None  # noqa: E731
     units = evaluate.active_units(model, x)
     result = {
-        "checkpoint": args.checkpoint, "split": args.split, "n": x.shape[0], "k": args.k,
-        "log_likelihood": float(b.log_likelihood.mean()),
-        "log_likelihood_stderr": float(b.log_likelihood.std() / math.sqrt(x.shape[0])) if x.shape[0] > 1 else None,
-        "elbo": float(b.elbo.mean()),
+        "checkpoint": args.checkpoint, "split": args.split, "n": n, "k": args.k,
+        "log_likelihood": float(ll.mean()),
+        "log_likelihood_stderr": sem(ll),
+        "elbo": float(elbo_.mean()),
         "active_units": units["active"],
         "reconstruction_error": float(evaluate.reconstruction_error(model, x).mean()),
     }
-    per_point = {"log_likelihood": b.log_likelihood, "elbo": b.elbo}
-    if args.ais:
-        try:
-            a = evaluate.ais_log_likelihood(
-                model, x, args.ais_chains, args.ais_temps, args.ais_leapfrog, args.ais_schedule,
-                args.ais_init, batch_size=args.batch_size, progress=args.progress,
-                generator=torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed),
-                return_details=True)
-        except ValueError as e:
-            print(f"iwae-eval: error: {e}", file=sys.stderr)
-            return 2
-        gap = a.log_likelihood - b.log_likelihood
+    per_point = {"index": index, "log_likelihood": ll, "elbo": elbo_, "log_likelihood_stderr": col(rows, "stderr")}
+    if ais_rows is not None:
+        a = col(ais_rows, "log_likelihood")
+        gap = a - ll
         result.update({
-            "ais_log_likelihood": float(a.log_likelihood.mean()),
-            "ais_nll": -float(a.log_likelihood.mean()),
-            "ais_log_likelihood_stderr": (float(a.log_likelihood.std() / math.sqrt(x.shape[0]))
-                                          if x.shape[0] > 1 else None),
+            "ais_log_likelihood": float(a.mean()),
+            "ais_nll": -float(a.mean()),
+            "ais_log_likelihood_stderr": sem(a),
             "nvlb": -result["log_likelihood"],
             "variational_gap": float(gap.mean()),
-            "variational_gap_stderr": float(gap.std() / math.sqrt(x.shape[0])) if x.shape[0] > 1 else None,
+            "variational_gap_stderr": sem(gap),
             "ais": {"chains": args.ais_chains, "temps": args.ais_temps, "leapfrog": args.ais_leapfrog,
                     "schedule": args.ais_schedule, "init": args.ais_init,
-                    "acceptance_rate": float(a.acceptance_rate.mean()),
-                    "step_size": float(a.step_size.mean())},
+                    "acceptance_rate": float(col(ais_rows, "acceptance_rate").mean()),
+                    "step_size": float(col(ais_rows, "step_size").mean())},
         })
-        per_point["ais_log_likelihood"] = a.log_likelihood
-        per_point["ais_log_weights"] = a.log_weights
-    if args.bdmc:
-        try:
-            r = evaluate.bdmc(model, args.bdmc, args.ais_chains, args.ais_temps, args.ais_leapfrog,
-                              args.ais_schedule, batch_size=args.batch_size,
-                              generator=torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed + 1))
-        except ValueError as e:
-            print(f"iwae-eval: error: {e}", file=sys.stderr)
-            return 2
-        result["bdmc"] = {"n": args.bdmc, "lower": float(r.lower.mean()), "upper": float(r.upper.mean()),
-                          "gap": float(r.gap.mean()), "chains": args.ais_chains, "temps": args.ais_temps,
-                          "schedule": args.ais_schedule}
+        per_point["ais_log_likelihood"] = a
+        per_point["ais_log_weights"] = torch.tensor([r["log_weights"] for r in ais_rows], dtype=torch.float64).t()
+    if bdmc_rows is not None:
+        lower, upper = col(bdmc_rows, "lower"), col(bdmc_rows, "upper")
+        result["bdmc"] = {"n": args.bdmc, "lower": float(lower.mean()), "upper": float(upper.mean()),
+                          "gap": float((upper - lower).mean()), "chains": args.ais_chains,
+                          "temps": args.ais_temps, "schedule": args.ais_schedule}
     if args.per_point:
         torch.save(per_point, args.per_point)
-    print(json.dumps(result, indent=1))
+    text = json.dumps(result, indent=1)
+    if args.out:
+        import os
+        with open(os.path.join(args.out, "results.json.tmp"), "w") as f:
+            f.write(text + "\n")
+        os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
+    print(text)
+    d.close()
     return 0
+
+
+def _lk_rows(model, x, index, pos, args) -> list[dict]:
+    from . import evaluate
+    b = evaluate.bounds(model, x[pos], args.k, pos.shape[0], seed=args.seed, index=index[pos])
+    return [{"log_likelihood": float(v), "elbo": float(e), "stderr": float(s)}
+            for v, e, s in zip(b.log_likelihood, b.elbo, b.stderr)]
+
+
+def _ais_rows(model, x, index, pos, args) -> list[dict]:
+    from . import evaluate
+    a = evaluate.ais_log_likelihood(model, x[pos], args.ais_chains, args.ais_temps, args.ais_leapfrog,
+                                    args.ais_schedule, args.ais_init, batch_size=pos.shape[0],
+                                    seed=args.seed, index=index[pos], return_details=True)
+    return [{"log_likelihood": float(v), "stderr": float(s), "acceptance_rate": float(r),
+             "step_size": float(st), "log_weights": w.tolist()}
+            for v, s, r, st, w in zip(a.log_likelihood, a.stderr, a.acceptance_rate, a.step_size, a.log_weights.t())]
+
+
+def _bdmc_rows(model, pos, args) -> list[dict]:
+    import torch
+
+    from . import evaluate
+    device = next(model.parameters()).device
+    r = evaluate.bdmc(model, args.bdmc, args.ais_chains, args.ais_temps, args.ais_leapfrog, args.ais_schedule,
+                      batch_size=pos.shape[0], generator=torch.Generator(device=device).manual_seed(args.seed + 1),
+                      seed=args.seed + 1, points=pos)
+    return [{"lower": float(lo), "upper": float(up), "lower_stderr": float(ls), "upper_stderr": float(us)}
+            for lo, up, ls, us in zip(r.lower, r.upper, r.lower_stderr, r.upper_stderr)]
 
 
 if __name__ == "__main__":

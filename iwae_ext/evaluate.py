@@ -1,7 +1,9 @@
 """Evaluation the way the papers do it: L_k (k = 5000), the ELBO, active units, gaps.
 
-All functions take a model with the :mod:`iwae_ext.models` interface and data x [N, D]
-(values in [0, 1]; binarise greyscale data first), run without gradients, in batches of
+All functions take any model with ``posterior(x)`` and ``log_joint(x, z)``
+(:class:`iwae_ext.LatentVariableModel`; the optional hooks of :mod:`iwae_ext.protocol` give
+faster or more exact paths, and the package's own models have them all) and data x [N, D]
+(values in [0, 1] for Bernoulli models; binarise greyscale data first), run without gradients, in batches of
 ``batch_size`` data points and, over k, in chunks of at most ``max_rows`` (samples x data
 points) so that memory stays bounded whatever k is. Values are per data point, in nats.
 """
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import protocol as _protocol
+from .keyed import KeyedNoise, keyed_draws, resolve_seed
 from .ops import logmeanexp
 
 __all__ = ["Bounds", "iwae_log_likelihood", "bounds", "elbo", "active_units",
@@ -29,10 +33,14 @@ class Bounds:
 
     log_likelihood: Tensor  # [N]
     elbo: Tensor  # [N]
+    stderr: Tensor | None = None  # [N] delta-method standard error of L_k over its k samples
 
 
-def _param(model) -> Tensor:
-    return next(model.parameters())
+class _Param:
+    """Device and dtype of a model (its first parameter's, or the data's for a model without)."""
+
+    def __init__(self, model, x=None):
+        self.device, self.dtype = _protocol.device_dtype(model, x)
 
 
 def _likelihood(model) -> str | None:
@@ -56,6 +64,7 @@ def _check(x: Tensor, k: int, batch_size: int, model=None):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if model is None:
         return
+    _protocol.check_model(model, "evaluate")
     if not x.is_floating_point():
         hint = " (0-255 images: x.float() / 255, then binarise)" if x.dtype == torch.uint8 else ""
         raise TypeError(f"x must be floating point with values in [0, 1], got {x.dtype}{hint}")
@@ -71,18 +80,36 @@ def _check(x: Tensor, k: int, batch_size: int, model=None):
                          f"[{lo:g}, {hi:g}]{hint}")
 
 
+def _index(index, n: int, fn: str) -> Tensor:
+    """The images' indices [N] (int64, on the host): ``index`` or 0..N-1."""
+    if index is None:
+        return torch.arange(n, dtype=torch.int64)
+    if not isinstance(index, Tensor) or index.shape != (n,) or index.is_floating_point() or index.is_complex():
+        raise ValueError(f"{fn}: index must be an integer tensor of shape [{n}] (one index per row of x), got "
+                         f"{tuple(index.shape) if isinstance(index, Tensor) else type(index).__name__}")
+    return index.to(device="cpu", dtype=torch.int64)
+
+
 @torch.no_grad()
 def bounds(model, x: Tensor, k: int = 5000, batch_size: int = 100, max_rows: int = 50_000,
-           progress: bool = False, desc: str | None = None) -> Bounds:
+           progress: bool = False, desc: str | None = None, seed: int | None = None,
+           index: Tensor | None = None) -> Bounds:
     """L_k and the ELBO per data point, from the same k importance samples per point.
 
     L_k = log (1/k) sum_i w_i (Burda et al. 2016, eq. 8), combined across chunks of samples
     exactly (a log-sum-exp of the chunks' log-mean-exps weighted by their sizes);
     ELBO = (1/k) sum_i log w_i. ``desc`` names the progress bar (e.g. the split).
+
+    Per-image streams (:mod:`iwae_ext.keyed`): sample i of image ``index[n]`` (default n, the row
+    of x) is drawn from the stream of (seed, index[n], i), so a value does not depend on
+    ``batch_size``, ``max_rows``, the other rows of x or the process computing it. ``seed``
+    None draws one from torch's default generator.
     """
     _check(x, k, batch_size, model)
-    p = _param(model)
-    lls, elbos = [], []
+    index = _index(index, x.shape[0], "bounds")
+    seed = resolve_seed(seed)
+    p = _Param(model, x)
+    lls, elbos, errs = [], [], []
     n_batches = math.ceil(x.shape[0] / batch_size)
     bar = None
     if progress:
@@ -90,31 +117,41 @@ def bounds(model, x: Tensor, k: int = 5000, batch_size: int = 100, max_rows: int
         bar = tqdm(total=n_batches, desc=f"{desc} L_{k}" if desc else f"L_{k}", unit="batch", leave=False)
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size].to(device=p.device, dtype=p.dtype)
+        noise = KeyedNoise(seed, index[start:start + batch_size], p.device)
         chunk = max(1, min(k, max_rows // xb.shape[0]))
-        parts, total = [], torch.zeros(xb.shape[0], dtype=torch.float64, device=p.device)
+        parts, squares, total = [], [], torch.zeros(xb.shape[0], dtype=torch.float64, device=p.device)
         for done in range(0, k, chunk):
             kc = min(chunk, k - done)
-            log_w = model.log_weights(xb, kc)
-            parts.append(logmeanexp(log_w, 0).double() + math.log(kc))
-            total += log_w.double().sum(0)
-        lls.append(torch.logsumexp(torch.stack(parts), 0) - math.log(k))
+            with keyed_draws(noise, row_start=done):
+                log_w = _protocol.log_weights(model, xb, kc)
+            lw64 = log_w.double()  # chunks combine in double: a value does not depend on the chunking
+            parts.append(logmeanexp(lw64, 0) + math.log(kc))
+            squares.append(torch.logsumexp(2 * lw64, 0))
+            total += lw64.sum(0)
+        log_s1 = torch.logsumexp(torch.stack(parts), 0)
+        lls.append(log_s1 - math.log(k))
         elbos.append(total / k)
+        # stderr = sqrt((k S2 / S1^2 - 1) / (k - 1)), S_j = sum_i w_i^j: log_mean_exp_stderr's value
+        ratio = torch.exp(math.log(k) + torch.logsumexp(torch.stack(squares), 0) - 2 * log_s1) - 1
+        errs.append((ratio.clamp_min(0) / (k - 1)).sqrt() if k > 1 else torch.full_like(log_s1, math.nan))
         if bar is not None:
             bar.update()
     if bar is not None:
         bar.close()
-    return Bounds(torch.cat(lls).cpu(), torch.cat(elbos).cpu())
+    return Bounds(torch.cat(lls).cpu(), torch.cat(elbos).cpu(), torch.cat(errs).cpu())
 
 
 def iwae_log_likelihood(model, x: Tensor, k: int = 5000, batch_size: int = 100,
-                        max_rows: int = 50_000, progress: bool = False) -> Tensor:
+                        max_rows: int = 50_000, progress: bool = False, seed: int | None = None,
+                        index: Tensor | None = None) -> Tensor:
     """L_k per data point [N] (float64): the importance-sampled log-likelihood estimate."""
-    return bounds(model, x, k, batch_size, max_rows, progress).log_likelihood
+    return bounds(model, x, k, batch_size, max_rows, progress, seed=seed, index=index).log_likelihood
 
 
-def elbo(model, x: Tensor, k: int = 1000, batch_size: int = 100, max_rows: int = 50_000) -> Tensor:
+def elbo(model, x: Tensor, k: int = 1000, batch_size: int = 100, max_rows: int = 50_000,
+         seed: int | None = None, index: Tensor | None = None) -> Tensor:
     """The ELBO per data point [N], averaged over k samples of q(z|x)."""
-    return bounds(model, x, k, batch_size, max_rows).elbo
+    return bounds(model, x, k, batch_size, max_rows, seed=seed, index=index).elbo
 
 
 @torch.no_grad()
@@ -126,11 +163,11 @@ def active_units(model, x: Tensor, batch_size: int = 1000, threshold: float = AC
     a two-layer model takes E_q[z2] = E_{q(z1|x)}[mean of q(z2|z1)] by ``num_samples`` draws.
     """
     _check(x, 1, batch_size, model)
-    p = _param(model)
+    p = _Param(model, x)
     means = None
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size].to(device=p.device, dtype=p.dtype)
-        m = model.posterior_means(xb, num_samples)
+        m = _protocol.posterior_means(model, xb, num_samples)
         means = [[t] for t in m] if means is None else [acc + [t] for acc, t in zip(means, m)]
     variances = [torch.cat(m).double().var(0, unbiased=False).cpu() for m in means]
     return {"active": [int((v > threshold).sum()) for v in variances], "variances": variances}
@@ -141,16 +178,17 @@ def reconstruction_error(model, x: Tensor, batch_size: int = 1000) -> Tensor:
     """-log p(x | z1 = E_q[z1]) per data point [N]: the negative log-likelihood of x under the
     decoder at the posterior mean (binary cross-entropy summed over pixels for Bernoulli data)."""
     _check(x, 1, batch_size, model)
-    p = _param(model)
+    p = _Param(model, x)
     out = []
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size].to(device=p.device, dtype=p.dtype)
         q = model.posterior(xb)
-        z = q.mean if hasattr(q, "loc") else None
-        if z is None:  # two layers: z1 at its mean, z2 at the mean of q(z2|z1 = E[z1])
+        if hasattr(q, "q1"):  # two layers: z1 at its mean, z2 at the mean of q(z2|z1 = E[z1])
             z1 = q.q1.loc
             z = torch.cat([z1, q.layer2(z1)[0]], -1)
-        out.append(-model.log_likelihood(xb, z.unsqueeze(0))[0].double().cpu())
+        else:
+            z = q.mean
+        out.append(-_protocol.log_likelihood(model, xb, z.unsqueeze(0))[0].double().cpu())
     return torch.cat(out)
 
 
@@ -183,7 +221,9 @@ def ais_log_likelihood(model, x: Tensor, num_chains: int = 16, num_temps: int = 
                        num_leapfrog: int = 10, schedule: str = "sigmoid", init: str = "posterior",
                        step_size: float = 0.05, target_accept: float = 0.65, batch_size: int = 100,
                        fast_grad: bool = True, generator: torch.Generator | None = None,
-                       progress: bool = False, return_details: bool = False):
+                       progress: bool = False, return_details: bool = False, seed: int | None = None,
+                       index: Tensor | None = None, reverse_z: Tensor | None = None,
+                       desc: str | None = None):
     """log p(x) per data point [N] (float64) by annealed importance sampling (Wu et al. 2017).
 
     ``num_chains`` independent AIS chains per point from q(z|x) (``init="posterior"``) or p(z)
@@ -192,25 +232,44 @@ def ais_log_likelihood(model, x: Tensor, num_chains: int = 16, num_temps: int = 
     per-chain step sizes adapted toward ``target_accept``. The estimate is the log-mean-exp of the
     chains' weights: a stochastic lower bound of log p(x) that tightens as num_temps grows.
     ``return_details``: an :class:`AISEstimate` with every chain's weight and the diagnostics.
+
+    Per-image streams (:mod:`iwae_ext.keyed`): every random number of chain s of image
+    ``index[n]`` (default n) at temperature t comes from (seed, index[n], s, t), so an image's
+    estimate does not depend on ``batch_size``, the other images or the process computing it.
+    ``seed`` None takes one draw from ``generator`` (or torch's default generator).
+    ``reverse_z`` [N, Z]: run reverse AIS from these exact posterior samples instead (BDMC's
+    upper bound; the estimate is then of 1/p(x), see :func:`bdmc`).
     """
     from .samplers import ais, model_ais_densities
     _check(x, 1, batch_size, model)
+    index = _index(index, x.shape[0], "ais_log_likelihood")
+    seed = resolve_seed(seed, generator)
     betas = _schedule(schedule, num_temps)
-    p = _param(model)
-    was_training = model.training
-    model.eval()
+    p = _Param(model, x)
+    mode = _protocol.evaluation_mode(model)
+    mode.__enter__()
     rows, weights, rates, steps = [], [], [], []
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=x.shape[0], desc=f"AIS T={num_temps}", unit="image", leave=False)
+        bar = tqdm(total=x.shape[0], desc=desc or f"AIS T={num_temps}", unit="image", leave=False)
     try:
         for start in range(0, x.shape[0], batch_size):
             xb = x[start:start + batch_size].to(device=p.device, dtype=p.dtype)
             b = xb.shape[0]
-            dens = model_ais_densities(model, xb, num_chains, init, fast_grad, generator)
-            res = ais(None, None, dens.z0, betas, num_leapfrog, step_size, target_accept,
-                      grad_fn=dens.grad_fn, generator=generator)
+            noise = KeyedNoise(seed, index[start:start + batch_size], p.device)
+            dens = model_ais_densities(model, xb, num_chains, init, fast_grad, noise)
+            if reverse_z is None:
+                res = ais(None, None, dens.z0, betas, num_leapfrog, step_size, target_accept,
+                          grad_fn=dens.grad_fn, generator=noise)
+            else:
+                def backwards(zz, f=dens.grad_fn):
+                    li, lt, gi, gt = f(zz)
+                    return lt, li, gt, gi  # the target is the start, q(z|x) the end
+
+                zb = reverse_z[start:start + batch_size].to(device=p.device, dtype=p.dtype)
+                res = ais(None, None, zb.repeat(num_chains, 1), betas, num_leapfrog, step_size,
+                          target_accept, grad_fn=backwards, generator=noise, reverse=True)
             rows.append(res.log_normalizer(b).cpu())
             weights.append(res.log_weights.view(num_chains, b).cpu())
             rates.append(res.acceptance_rate.view(num_chains, b).mean(0).cpu())
@@ -218,7 +277,7 @@ def ais_log_likelihood(model, x: Tensor, num_chains: int = 16, num_temps: int = 
             if bar is not None:
                 bar.update(b)
     finally:
-        model.train(was_training)
+        mode.__exit__()
         if bar is not None:
             bar.close()
     ll = torch.cat(rows)
@@ -248,10 +307,17 @@ class BDMCResult:
 
 @torch.no_grad()
 def simulate(model, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """(x, z) with z ~ p(z), x ~ p(x|z): n exact joint draws ([n, D], [n, Z]); one stochastic layer."""
+    """(x, z) with z ~ p(z), x ~ p(x|z): n exact joint draws ([n, D], [n, Z]); the package's models
+    with one stochastic layer, or any model with a ``simulate(n, generator)`` method."""
+    own = getattr(model, "simulate", None)
+    if callable(own):
+        return own(n, generator)
+    if not hasattr(model, "latent_dims") or not hasattr(model, "decoder"):
+        raise ValueError("simulate: the model has no simulate(n, generator) method to draw (x, z) "
+                         "from p(x, z), which BDMC needs")
     if len(model.latent_dims) != 1:
         raise ValueError("simulate: one stochastic layer only")
-    p = _param(model)
+    p = _Param(model)
     z = torch.randn(n, model.latent_dim, dtype=p.dtype, device=p.device, generator=generator)
     return model.decoder.sample(model.decoder(z), generator), z
 
@@ -259,39 +325,27 @@ def simulate(model, n: int, generator: torch.Generator | None = None) -> tuple[T
 def bdmc(model, num_points: int = 100, num_chains: int = 16, num_temps: int = 10000,
          num_leapfrog: int = 10, schedule: str = "sigmoid", step_size: float = 0.05,
          target_accept: float = 0.65, batch_size: int = 100, fast_grad: bool = True,
-         generator: torch.Generator | None = None) -> BDMCResult:
+         generator: torch.Generator | None = None, seed: int | None = None,
+         points: Tensor | None = None) -> BDMCResult:
     """Sandwich log p(x) on ``num_points`` points simulated from the model (one stochastic layer).
 
     Forward AIS (q(z|x) -> p(x, z)) gives a stochastic lower bound; reverse AIS (p(z|x) -> q(z|x),
     starting every chain at the z that generated x, an exact posterior sample) estimates 1/p(x)
-    without bias, so minus its log-mean-exp is a stochastic upper bound.
+    without bias, so minus its log-mean-exp is a stochastic upper bound. The points are drawn
+    with ``generator``; the AIS runs use per-point streams under ``seed`` (None: one draw from
+    ``generator``), so ``points`` (indices into the simulated set, e.g. one process's share)
+    gives each point the values it has in the whole run.
     """
-    from .samplers import ais, model_ais_densities
     x, z = simulate(model, num_points, generator)
-    fwd = ais_log_likelihood(model, x, num_chains, num_temps, num_leapfrog, schedule, "posterior",
-                             step_size, target_accept, batch_size, fast_grad, generator, return_details=True)
-    betas = _schedule(schedule, num_temps)
-    upper, reverse_weights = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, num_points, batch_size):
-            xb, zb = x[start:start + batch_size], z[start:start + batch_size]
-            b = xb.shape[0]
-            dens = model_ais_densities(model, xb, num_chains, "posterior", fast_grad, generator)
-
-            def reverse(zz, f=dens.grad_fn):
-                li, lt, gi, gt = f(zz)
-                return lt, li, gt, gi  # the target is the start, q(z|x) the end
-
-            res = ais(None, None, zb.repeat(num_chains, 1), betas, num_leapfrog, step_size,
-                      target_accept, grad_fn=reverse, generator=generator)
-            upper.append(-res.log_normalizer(b).cpu())
-            reverse_weights.append(res.log_weights.view(num_chains, b).cpu())
-    finally:
-        model.train(was_training)
-    return BDMCResult(x.cpu(), z.cpu(), fwd.log_likelihood, torch.cat(upper),
-                      log_mean_exp_stderr(fwd.log_weights), log_mean_exp_stderr(torch.cat(reverse_weights, 1)))
+    seed = resolve_seed(seed, generator)
+    index = torch.arange(num_points) if points is None else _index(points, points.shape[0], "bdmc")
+    x, z = x[index.to(x.device)], z[index.to(z.device)]
+    common = (num_chains, num_temps, num_leapfrog, schedule, "posterior", step_size, target_accept,
+              batch_size, fast_grad)
+    fwd = ais_log_likelihood(model, x, *common, return_details=True, seed=seed, index=index)
+    rev = ais_log_likelihood(model, x, *common, return_details=True, seed=seed, index=index, reverse_z=z)
+    return BDMCResult(x.cpu(), z.cpu(), fwd.log_likelihood, -rev.log_likelihood,
+                      log_mean_exp_stderr(fwd.log_weights), log_mean_exp_stderr(rev.log_weights))
 
 
 def log_mean_exp_stderr(log_w: Tensor, dim: int = 0) -> Tensor:
@@ -307,12 +361,12 @@ def reconstruction_error_qiw(model, x: Tensor, k: int = 100, batch_size: int = 1
     001: reconstructions through importance resampling rather than the encoder alone)."""
     from .samplers import sir
     _check(x, k, batch_size, model)
-    p = _param(model)
+    p = _Param(model, x)
     out = []
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size].to(device=p.device, dtype=p.dtype)
         z = sir(model, xb, k)  # [1, B, Z]
-        out.append(-model.log_likelihood(xb, z)[0].double().cpu())
+        out.append(-_protocol.log_likelihood(model, xb, z)[0].double().cpu())
     return torch.cat(out)
 
 
@@ -320,8 +374,13 @@ def squared_error(model, x: Tensor) -> Tensor:
     """||x - decoder mean at z = E_q[z1]||^2 per data point [N] (differentiable): the
     reconstruction error of paper 003 section 5, and the loss of the vanilla autoencoder
     (``iwae-train --model ae``: the encoder's mean is its code). Divide by D for the MSE."""
-    p = _param(model)
+    p = _Param(model, x)
     x = x.to(device=p.device, dtype=p.dtype)
     q = model.posterior(x)
     z1 = q.loc if hasattr(q, "loc") else q.q1.loc
     return (x - model.decoder.mean(model.decoder(z1))).square().sum(-1)
+
+
+if __name__ == "__main__":  # python -m iwae_ext.evaluate RUN ... (also under torchrun): iwae-eval
+    from .cli import eval_main
+    raise SystemExit(eval_main())

@@ -123,26 +123,30 @@ def posterior_contours(model, x: Tensor, path: str, ks=(1, 10, 100), num_samples
     the posterior mean. Returns {"grid": [n], "posterior": [n, n], "q": [n, n],
     "q_iw": {k: [n, n]}} (probability per grid cell, rows = second coordinate)."""
     from .samplers import sir
-    if tuple(model.latent_dims) != (2,):
-        raise ValueError(f"posterior_contours needs one stochastic layer of width 2, got {model.latent_dims}")
-    p = next(model.parameters())
-    x = x.reshape(1, -1).to(device=p.device, dtype=p.dtype)
+    from . import protocol as _protocol
+    device, dtype = _protocol.device_dtype(model, x)
+    x = x.reshape(1, -1).to(device=device, dtype=dtype)
+    width = _protocol.latent_dim(model, x)
+    if width != 2 or len(getattr(model, "latent_dims", (2,))) != 1:
+        raise ValueError(f"posterior_contours needs one stochastic layer of width 2, got "
+                         f"{getattr(model, 'latent_dims', (width,))}")
     q = model.posterior(x)
+    q_mean = q.mean[0].double().cpu()
     if half_width is None:  # zoom: a coarse grid finds the posterior; the window covers it and q
         t = torch.linspace(-6, 6, 241, dtype=torch.float64)
-        coarse = torch.cartesian_prod(t, t).to(device=p.device, dtype=p.dtype)
+        coarse = torch.cartesian_prod(t, t).to(device=device, dtype=dtype)
         w = torch.softmax(model.log_joint(x, coarse.unsqueeze(1))[:, 0].double(), 0).cpu()
         c = coarse.double().cpu()
         mu = w @ c
         sd = ((c - mu).square() * w[:, None]).sum(0).sqrt().max().clamp(min=float(t[1] - t[0]))
-        q_loc, q_sd = q.loc[0].double().cpu(), float(torch.exp(0.5 * q.logvar[0]).max())
+        q_loc, q_sd = q_mean, float(q.stddev[0].max())
         centre = 0.5 * (mu + q_loc)
         half_width = float(4 * max(float(sd), q_sd) + 0.5 * (mu - q_loc).abs().max())
     else:
-        centre = q.loc[0].double().cpu()
+        centre = q_mean
     axes_t = [torch.linspace(float(c) - half_width, float(c) + half_width, n, dtype=torch.float64) for c in centre]
     zy, zx = torch.meshgrid(axes_t[1], axes_t[0], indexing="ij")
-    zz = torch.stack([zx.reshape(-1), zy.reshape(-1)], -1).to(device=p.device, dtype=p.dtype)
+    zz = torch.stack([zx.reshape(-1), zy.reshape(-1)], -1).to(device=device, dtype=dtype)
     post = torch.softmax(model.log_joint(x, zz.unsqueeze(1))[:, 0].double(), 0).reshape(n, n).cpu()
     qd = torch.softmax(q.log_prob(zz.unsqueeze(1))[:, 0].double(), 0).reshape(n, n).cpu()
     step = [float(a[1] - a[0]) for a in axes_t]

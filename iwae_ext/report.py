@@ -4,7 +4,10 @@ Writes into DIR: ``metrics.json``, ``report.md`` (test and train L_k, ELBO, AIS 
 variational and generalisation gaps, active units, reconstruction errors from the encoder mean
 and from q_IW) and the figures: samples, reconstructions from q and q_IW, the training curve
 (when the run's ``metrics.jsonl`` is there) and, for a 2-D latent, the manifold and the posterior
-contours of one test image (true, q, q_IW for k = 1, 10, 100).
+contours of one test image (true, q, q_IW for k = 1, 10, 100). Any model with posterior(x) and
+log_joint(x, z) (:class:`iwae_ext.LatentVariableModel`) gets the metrics, the posterior contours
+for a 2-D latent and the training curve; the decoder figures (samples, reconstructions, manifold)
+need the package's models.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import os
 import torch
 
 from . import evaluate, plots
+from . import protocol as _protocol
 
 
 def _mean_se(t: torch.Tensor) -> tuple[float, float | None]:
@@ -23,11 +27,11 @@ def _mean_se(t: torch.Tensor) -> tuple[float, float | None]:
 
 def write_report(model, dataset, out_dir: str, run_dir: str | None = None, k: int = 5000, limit: int = 1000,
                  batch_size: int = 100, seed: int = 0, ais: dict | None = None, qiw_k: int = 100,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, posterior_samples: int = 20000) -> dict:
     """Evaluate ``model`` on ``limit`` test and train images (a seeded random choice; 0 = all)
     and write the report, figures and metrics into ``out_dir``. ``ais``: keyword arguments of
     :func:`iwae_ext.evaluate.ais_log_likelihood` to add the AIS NLL (None: no AIS). Returns the
-    metrics."""
+    metrics. ``posterior_samples``: SIR draws per q_IW panel of the posterior figure (2-D latents)."""
     os.makedirs(out_dir, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -41,7 +45,10 @@ def write_report(model, dataset, out_dir: str, run_dir: str | None = None, k: in
     x_test, x_train = pick("test"), pick("train")
     test = evaluate.bounds(model, x_test, k, batch_size, progress=progress)
     train = evaluate.bounds(model, x_train, k, batch_size, progress=progress)
-    m = {"n_test": x_test.shape[0], "n_train": x_train.shape[0], "k": k, "model": model.config}
+    from .models import VAE
+    package = isinstance(model, VAE)
+    m = {"n_test": x_test.shape[0], "n_train": x_train.shape[0], "k": k,
+         "model": model.config if package else {"class": type(model).__qualname__}}
     m["test_log_likelihood"], m["test_log_likelihood_stderr"] = _mean_se(test.log_likelihood)
     m["train_log_likelihood"], m["train_log_likelihood_stderr"] = _mean_se(train.log_likelihood)
     m["test_elbo"], m["train_elbo"] = float(test.elbo.mean()), float(train.elbo.mean())
@@ -58,26 +65,33 @@ def write_report(model, dataset, out_dir: str, run_dir: str | None = None, k: in
         m["ais_nll"] = -m["ais_log_likelihood"]
         m["variational_gap_ais"] = float((a.log_likelihood - test.log_likelihood).mean())
         m["ais"] = dict(ais)
-    figures = {}
+    figures, notes = {}, []
+    device, dtype = _protocol.device_dtype(model, x_test)
     shape = tuple(dataset.image_shape) if len(dataset.image_shape) == 2 else None
-    if shape is not None:
+    if not package:
+        notes.append("samples, reconstructions and the manifold need the package's models (a decoder); "
+                     "not drawn for this model")
+    if shape is not None and package:
         plots.samples(model, shape, os.path.join(out_dir, "samples.png"), 64, seed)
         figures["samples.png"] = "64 samples from the model (decoder means)"
         plots.reconstructions(model, x_test[:10], shape, os.path.join(out_dir, "reconstructions.png"), qiw_k,
-                              torch.Generator(next(model.parameters()).device).manual_seed(seed))
+                              torch.Generator(device).manual_seed(seed))
         figures["reconstructions.png"] = f"10 test images, reconstructed from q and from q_IW (k = {qiw_k})"
         if tuple(model.latent_dims) == (2,) and model.random_weights == "none":
             plots.manifold(model, shape, os.path.join(out_dir, "manifold.png"), 20, "decoder means on the 2-D latent grid")
             figures["manifold.png"] = "the 2-D latent manifold"
-    if tuple(model.latent_dims) == (2,) and model.random_weights == "none":
+    two_d = _protocol.latent_dim(model, x_test[:1].to(device=device, dtype=dtype)) == 2
+    if two_d and getattr(model, "random_weights", "none") == "none":
         plots.posterior_contours(model, x_test[0], os.path.join(out_dir, "posterior.png"),
-                                 generator=torch.Generator(next(model.parameters()).device).manual_seed(seed))
+                                 num_samples=posterior_samples, generator=torch.Generator(device).manual_seed(seed))
         figures["posterior.png"] = "posterior of one test image: true (grid), q, q_IW for k = 1, 10, 100"
     curve = os.path.join(run_dir, "metrics.jsonl") if run_dir and os.path.isdir(run_dir) else None
     if curve and os.path.isfile(curve):
         plots.training_curves(curve, os.path.join(out_dir, "training_curves.png"))
         figures["training_curves.png"] = "mean training bound per epoch"
     m["figures"] = figures
+    if notes:
+        m["notes"] = notes
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
         f.write("\n")
@@ -114,4 +128,5 @@ def _markdown(m: dict) -> str:
     out += [f"| {_cell(a)} | {_cell(b)} |" for a, b in rows]
     out += ["", "## Figures", ""]
     out += [f"- ![{name}]({name}) {desc}" for name, desc in m["figures"].items()]
+    out += [f"- {note}" for note in m.get("notes", [])]
     return "\n".join(out) + "\n"

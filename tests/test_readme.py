@@ -28,7 +28,7 @@ def _block(fragment):
 
 def test_every_python_snippet_is_covered_here():
     covered = ("iwae_ext.build_info()", "iwae_ext.train(", "from iwae_ext.ops import logmeanexp",
-               "samplers.ais(")
+               "samplers.ais(", "class MyVAE")
     for block in _python_blocks():
         assert any(c in block for c in covered), f"a README snippet no test runs:\n{block}"
 
@@ -74,3 +74,12 @@ def test_quickstart_snippet_runs_with_its_sizes_shrunk(tmp_path, monkeypatch):
     ns = {}
     exec(code, ns)
     assert ns["metrics"]["epochs"] == 1 and ns["ll"].shape == (50,) and bool((ns["ll"] < 0).all())
+
+
+def test_your_own_model_snippet_runs_as_written():
+    torch.manual_seed(0)
+    ns = {}
+    exec(_block("class MyVAE"), ns)
+    assert isinstance(ns["model"], iwae_ext.LatentVariableModel)
+    assert ns["ll"].shape == (10,) and ns["ais"].shape == (10,)
+    assert bool(torch.isfinite(ns["ll"]).all() and torch.isfinite(ns["ais"]).all())

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..keyed import standard_normal
 from ..ops import bayes_linear
 
 __all__ = ["BayesLinear", "gaussian_kl"]
@@ -54,7 +55,7 @@ class BayesLinear(nn.Module):
     def forward(self, x: Tensor, eps: Tensor | None = None) -> Tensor:
         """x [..., in] -> [..., out]; ``eps`` [..., out] standard normal (drawn when None)."""
         if eps is None:
-            eps = torch.randn(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
+            eps = standard_normal((*x.shape[:-1], self.out_features), x.dtype, x.device)
         return bayes_linear(x, self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho, eps)
 
     def kl(self, prior_std: float) -> Tensor:

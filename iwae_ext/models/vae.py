@@ -16,6 +16,7 @@ from torch.distributions import Distribution, constraints
 from torch.func import functional_call
 
 from .._checks import check_choice
+from ..keyed import standard_normal
 from .bayes import BayesLinear
 
 LOG_2PI = math.log(2 * math.pi)
@@ -99,7 +100,7 @@ class DiagonalNormal(Distribution):
         return self.logvar.exp()
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
-        eps = torch.randn(self._extended_shape(sample_shape), dtype=self.loc.dtype, device=self.loc.device)
+        eps = standard_normal(self._extended_shape(sample_shape), self.loc.dtype, self.loc.device)
         return self.loc + torch.exp(0.5 * self.logvar) * eps
 
     def log_prob(self, value: Tensor) -> Tensor:

@@ -72,3 +72,47 @@ def hmc_accept(z0: Tensor, z1: Tensor, p0: Tensor, p1: Tensor, u0: Tensor, u1: T
     z = torch.where(accepted.unsqueeze(-1), z1, z0)
     u = torch.where(accepted, u1, u0)
     return z, u, accepted, step.to(step_size.dtype), avg.to(accept_avg.dtype)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def philox4x32_10(counter: Tensor, key: tuple[int, int]) -> Tensor:
+    """Philox4x32-10 of counters [..., 4] (int64 holding uint32 words) under key (k0, k1):
+    [..., 4]. int64 products of two 32-bit words wrap modulo 2^64, which keeps both halves."""
+    c = [counter[..., i] for i in range(4)]
+    k0, k1 = key
+    for _ in range(10):
+        p0 = c[0] * 0xD2511F53
+        p1 = c[2] * 0xCD9E8D57
+        hi0, lo0 = (p0 >> 32) & _MASK32, p0 & _MASK32
+        hi1, lo1 = (p1 >> 32) & _MASK32, p1 & _MASK32
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+    return torch.stack(c, -1)
+
+
+def keyed_random(index: Tensor, step: int, seed: int, stream: int, rows: int, row_start: int,
+                 dim: int, normal: bool, dtype: torch.dtype) -> Tensor:
+    """Element (r, b, d) of [rows, B, dim] from Philox4x32-10 with key (seed low, seed high) and
+    counter (index[b], row_start + r, step, stream << 24 | d // 2): two 53-bit uniforms per block,
+    u = (m + 1/2) 2^-53, used as they are or as one Box-Muller pair (csrc/random.h)."""
+    b = index.shape[0]
+    pairs = (dim + 1) // 2
+    r = torch.arange(row_start, row_start + rows, dtype=torch.int64, device=index.device)
+    j = torch.arange(pairs, dtype=torch.int64, device=index.device)
+    shape = (rows, b, pairs)
+    counter = torch.stack([index.view(1, b, 1).expand(shape) & _MASK32, r.view(rows, 1, 1).expand(shape),
+                           torch.full(shape, step & _MASK32, dtype=torch.int64, device=index.device),
+                           ((stream << 24) | j).view(1, 1, pairs).expand(shape)], -1)
+    w = philox4x32_10(counter, (seed & _MASK32, (seed >> 32) & _MASK32))
+
+    def unit(hi, lo):  # the top 53 bits of hi:lo, exactly representable in float64
+        m = (hi << 21) | (lo >> 11)
+        return (m.double() + 0.5) * 2.0 ** -53
+
+    u1, u2 = unit(w[..., 0], w[..., 1]), unit(w[..., 2], w[..., 3])
+    if normal:
+        radius = torch.sqrt(-2.0 * torch.log(u1))
+        u1, u2 = radius * torch.cos(2 * math.pi * u2), radius * torch.sin(2 * math.pi * u2)
+    return torch.stack([u1, u2], -1).reshape(rows, b, 2 * pairs)[..., :dim].to(dtype)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..keyed import STREAMS, KeyedNoise
 from ..ops import hmc_accept, hmc_leapfrog
 
 LogDensity = Callable[[Tensor], Tensor]
@@ -115,7 +116,12 @@ class _Trajectory:
     value-and-gradient function returning (log_init, log_target, grad_init, grad_target)
     (log_init and grad_init may be None: plain HMC on the target, beta = 1)."""
 
-    def __init__(self, value_and_grad, num_leapfrog, target_accept, adapt, settings, generator):
+    def __init__(self, value_and_grad, num_leapfrog, target_accept, adapt, settings, generator,
+                 streams=(STREAMS["ais_momentum"], STREAMS["ais_uniform"])):
+        if generator is not None and not isinstance(generator, (torch.Generator, KeyedNoise)):
+            raise TypeError(f"generator must be a torch.Generator or an iwae_ext.keyed.KeyedNoise, "
+                            f"got {type(generator).__name__}")
+        self.streams = streams
         self.value_and_grad = value_and_grad
         self.num_leapfrog = num_leapfrog
         self.target_accept = float(target_accept)
@@ -131,10 +137,23 @@ class _Trajectory:
         # -(li + beta (lt - li)): lerp keeps it one kernel per tensor, beta a 0-d tensor
         return -torch.lerp(li, lt, beta), -torch.lerp(gi, gt, beta)
 
-    def transition(self, z, cache, beta, step, avg):
-        """One HMC transition of every chain; returns (z, cache, accepted, step, avg)."""
+    def _momentum(self, z, t):
+        g = self.generator
+        if isinstance(g, KeyedNoise):
+            return g.chain_normal(z.shape[0], z.shape[1], self.streams[0], t, z.dtype)
+        return torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=g)
+
+    def _log_uniform(self, z, t):
+        g = self.generator
+        if isinstance(g, KeyedNoise):
+            return g.chain_uniform(z.shape[0], self.streams[1], t, z.dtype).log_()
+        return torch.rand(z.shape[0], dtype=z.dtype, device=z.device, generator=g).log_()
+
+    def transition(self, z, cache, beta, step, avg, t=0):
+        """One HMC transition of every chain; returns (z, cache, accepted, step, avg). ``t``
+        (an int or a device counter) keys the random numbers of a :class:`KeyedNoise`."""
         u0, gu = self.potential(cache, beta)
-        p0 = torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=self.generator)
+        p0 = self._momentum(z, t)
         zl, p = hmc_leapfrog(z, p0, gu, step, 0.5, True)
         grads_only = getattr(self.value_and_grad, "grads_only", None)
         for step_index in range(self.num_leapfrog):
@@ -149,7 +168,7 @@ class _Trajectory:
                 _, p = hmc_leapfrog(zl, p, gu, step, 0.5, False)
             else:
                 zl, p = hmc_leapfrog(zl, p, gu, step, 1.0, True)
-        log_u = torch.rand(z.shape[0], dtype=z.dtype, device=z.device, generator=self.generator).log_()
+        log_u = self._log_uniform(z, t)
         s = self.settings
         res = hmc_accept(z, zl, p0, p, u0, u1, log_u, step, avg, self.target_accept, s.decay, s.inc,
                          s.dec, s.min_step, s.max_step, self.adapt)
@@ -188,7 +207,8 @@ def ais(log_init: LogDensity | None, log_target: LogDensity | None, z0: Tensor, 
         num_leapfrog: int = 10, step_size=0.1, target_accept: float = 0.65, adapt_step_size: bool = True,
         grad_fn=None, generator: torch.Generator | None = None,
         adaptation: StepSizeAdaptation | None = None,
-        temperature_step_sizes: Tensor | None = None, cuda_graph: bool | None = None) -> AISResult:
+        temperature_step_sizes: Tensor | None = None, cuda_graph: bool | None = None,
+        reverse: bool = False) -> AISResult:
     """Annealed importance sampling from log_init to log_target with HMC transitions.
 
     Args:
@@ -206,12 +226,17 @@ def ais(log_init: LogDensity | None, log_target: LogDensity | None, z0: Tensor, 
             log_init and log_target may be None. If it also has a method ``grads_only(z) ->
             (grad log_init, grad log_target)``, that is used inside trajectories, where the
             density values are not needed.
-        generator: for the momenta and the uniforms (on z0's device).
+        generator: for the momenta and the uniforms (on z0's device): a torch.Generator, or an
+            :class:`iwae_ext.keyed.KeyedNoise` for B images whose chains are laid out
+            c = s * B + b (every number then keyed by image, chain and temperature, so an
+            image's result does not depend on the other chains in the run).
         temperature_step_sizes: optional [T-1] tensor, one step size per temperature shared by
             all chains (as AIWAE keeps them across training steps, paper 004); replaces step_size,
             no adaptation within the run, and the result has each temperature's mean acceptance.
         cuda_graph: capture one temperature in a CUDA graph and replay it (CUDA only); default:
             on for CUDA tensors with a ``grad_fn`` (autograd's gradient is not captured).
+        reverse: draw from the reverse-AIS streams of a KeyedNoise (BDMC's upper bound runs the
+            same images backwards and must not reuse the forward run's numbers).
 
     At each temperature t = 1..T-1 the weights get ``(beta_t - beta_{t-1}) (log_target - log_init)``
     at the current states, then one HMC transition leaves the intermediate density
@@ -240,8 +265,10 @@ def ais(log_init: LogDensity | None, log_target: LogDensity | None, z0: Tensor, 
         adapt_step_size = False
         step_size = 1.0
     step = _per_chain(step_size, "step_size", z0, fn)
+    streams = ((STREAMS["reverse_momentum"], STREAMS["reverse_uniform"]) if reverse
+               else (STREAMS["ais_momentum"], STREAMS["ais_uniform"]))
     traj = _Trajectory(grad_fn, num_leapfrog, target_accept, adapt_step_size,
-                       adaptation or StepSizeAdaptation(), generator)
+                       adaptation or StepSizeAdaptation(), generator, streams)
     if cuda_graph is None:
         cuda_graph = z0.is_cuda and user_grad_fn
     if cuda_graph and not z0.is_cuda:
@@ -267,7 +294,7 @@ def ais(log_init: LogDensity | None, log_target: LogDensity | None, z0: Tensor, 
                 log_w.add_((lt.double() - li.double()) * dbeta[t - 1])
                 if fixed is not None:
                     step = fixed[t - 1].expand(z.shape[0])
-                z, cache, acc, step, avg = traj.transition(z, cache, betas_z[t], step, avg)
+                z, cache, acc, step, avg = traj.transition(z, cache, betas_z[t], step, avg, t)
                 accepted.add_(acc)
                 if per_temp is not None:
                     per_temp[t - 1] = acc.double().mean()
@@ -304,7 +331,7 @@ def _ais_graphed(traj, z, cache, step, avg, log_w, accepted, per_temp, betas_z, 
         log_w.add_((lt.double() - li.double()) * dbeta.index_select(0, t_dev - 1).squeeze(0))
         beta = betas_z.index_select(0, t_dev).squeeze(0)
         step_in = step_s if fixed is None else fixed.index_select(0, t_dev - 1).expand(c)
-        z1, cache1, acc, step1, avg1 = traj.transition(z_s, cache_s, beta, step_in, avg_s)
+        z1, cache1, acc, step1, avg1 = traj.transition(z_s, cache_s, beta, step_in, avg_s, t_dev)
         z_s.copy_(z1)
         for dst, src in zip(cache_s, cache1):
             dst.copy_(src)
@@ -324,7 +351,7 @@ def _ais_graphed(traj, z, cache, step, avg, log_w, accepted, per_temp, betas_z, 
     if n > warmup:
         graph = torch.cuda.CUDAGraph()
         try:
-            if traj.generator is not None:
+            if isinstance(traj.generator, torch.Generator):
                 graph.register_generator_state(traj.generator)
             with torch.cuda.graph(graph, stream=torch.cuda.Stream(device=z.device)):
                 body()
@@ -388,12 +415,12 @@ def hmc(log_target: LogDensity | None, z0: Tensor, num_samples: int, num_leapfro
         one = torch.ones((), dtype=z.dtype, device=z.device)
         avg = torch.full_like(step, float(target_accept))
         cache = value_and_grad(z)
-        for _ in range(num_warmup):
-            z, cache, _, step, avg = warm.transition(z, cache, one, step, avg)
+        for i in range(num_warmup):
+            z, cache, _, step, avg = warm.transition(z, cache, one, step, avg, i)
         out = torch.empty((num_samples, *z.shape), dtype=z.dtype, device=z.device)
         accepted = torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
         for i in range(num_samples * thin):
-            z, cache, acc, step, avg = sample.transition(z, cache, one, step, avg)
+            z, cache, acc, step, avg = sample.transition(z, cache, one, step, avg, num_warmup + i)
             accepted.add_(acc)
             if (i + 1) % thin == 0:
                 out[i // thin] = z

@@ -1,14 +1,19 @@
-"""AIS for the package's models: the initial density, the target log p(x, z) and their gradients
-for B data points with S chains each (chain c = s * B + b)."""
+"""AIS for a latent-variable model: the initial density, the target log p(x, z) and their
+gradients for B data points with S chains each (chain c = s * B + b). The package's models get
+analytic and hand-written gradients; any other model with posterior(x) and log_joint(x, z)
+(:class:`iwae_ext.LatentVariableModel`) gets autograd's."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .. import protocol as _protocol
+from ..keyed import STREAMS, KeyedNoise, keyed_draws, standard_normal
 from .._checks import check_choice
-from ..models.vae import DiagonalNormal, normal_log_prob, standard_normal_log_prob
+from ..models.vae import VAE, DiagonalNormal, normal_log_prob, standard_normal_log_prob
 
 INITS = ("posterior", "prior")
 
@@ -28,10 +33,13 @@ class ModelAIS:
 
 def model_ais_densities(model, x: Tensor, num_chains: int, init: str = "posterior",
                         fast_grad: bool = True, generator: torch.Generator | None = None) -> ModelAIS:
-    """AIS densities for ``model`` (a :class:`iwae_ext.models.VAE`) and data x [B, D].
+    """AIS densities for ``model`` and data x [B, D].
 
     init="posterior": start from q(z|x) (its density is the normalised initial density);
-    init="prior": from p(z) = N(0, I) (one stochastic layer). The target is log p(x, z). With
+    init="prior": from p(z) (N(0, I) for the package's one-layer models; ``model.prior()`` for
+    others). The target is log p(x, z). A model that is not the package's
+    :class:`iwae_ext.models.VAE` needs posterior(x) and log_joint(x, z) (and prior() to start
+    there); its gradients are autograd's. With
     ``fast_grad`` and a model that allows it, the target's gradient is the hand-written decoder
     backward and q's is analytic; otherwise autograd. Random-weight models are refused: their
     log p(x) also integrates over the weights, which AIS over z alone does not do.
@@ -42,6 +50,8 @@ def model_ais_densities(model, x: Tensor, num_chains: int, init: str = "posterio
                          "is evaluated by importance sampling over weights and z (bounds, L_S)")
     if not isinstance(num_chains, int) or num_chains < 1:
         raise ValueError(f"num_chains must be a positive int, got {num_chains!r}")
+    if not isinstance(model, VAE):
+        return _protocol_densities(model, x, num_chains, init, generator)
     if init == "prior" and len(model.latent_dims) != 1:
         raise ValueError("init='prior' needs one stochastic layer (the prior of two layers is not a "
                          "standard normal over z = (z1, z2)); use init='posterior'")
@@ -49,15 +59,17 @@ def model_ais_densities(model, x: Tensor, num_chains: int, init: str = "posterio
     x = model._check_x(x).to(device=p.device, dtype=p.dtype)
     xr = x.repeat(num_chains, 1)
     zdim = model.latent_dim
-    with torch.no_grad():
+    _check_generator(generator, x.shape[0])
+    keyed = isinstance(generator, KeyedNoise)
+    with torch.no_grad(), (keyed_draws(generator, 0, STREAMS["ais_init"]) if keyed else nullcontext()):
         if init == "prior":
-            z0 = torch.randn(xr.shape[0], zdim, dtype=p.dtype, device=p.device, generator=generator)
+            z0 = _normal((num_chains, x.shape[0], zdim), p.dtype, p.device, generator).reshape(-1, zdim)
             loc = logvar = None
         else:
             q = model.posterior(x)
             if isinstance(q, DiagonalNormal):
+                eps = _normal((num_chains, *q.loc.shape), p.dtype, p.device, generator).reshape(-1, zdim)
                 loc, logvar = q.loc.repeat(num_chains, 1), q.logvar.repeat(num_chains, 1)
-                eps = torch.randn(loc.shape, dtype=p.dtype, device=p.device, generator=generator)
                 z0 = loc + torch.exp(0.5 * logvar) * eps
             else:  # two stochastic layers: z = (z1, z2) from q(z1|x) q(z2|z1)
                 loc = logvar = None
@@ -84,6 +96,64 @@ def model_ais_densities(model, x: Tensor, num_chains: int, init: str = "posterio
     return ModelAIS(z0, grad_fn, xr, fast)
 
 
+def _protocol_densities(model, x: Tensor, num_chains: int, init: str, generator) -> ModelAIS:
+    """AIS densities of any model with posterior(x) and log_joint(x, z), gradients by autograd."""
+    from ._hmc import _autograd_value_and_grad
+    _protocol.check_model(model, "model_ais_densities")
+    device, dtype = _protocol.device_dtype(model, x)
+    x = x.to(device=device, dtype=dtype)
+    s, b = num_chains, x.shape[0]
+    keyed = isinstance(generator, KeyedNoise)
+    with torch.no_grad(), (keyed_draws(generator, 0, STREAMS["ais_init"]) if keyed else nullcontext()):
+        dist = model.posterior(x) if init == "posterior" else _protocol.prior(model, "AIS with init='prior'")
+        z0 = _sample(dist, (s,) if init == "posterior" else (s, b), generator, device)
+        z0 = z0.reshape(s * b, -1).to(dtype)
+
+    def log_init(z: Tensor) -> Tensor:
+        return dist.log_prob(z.view(s, b, -1)).reshape(-1)
+
+    def log_target(z: Tensor) -> Tensor:
+        return model.log_joint(x, z.view(s, b, -1)).reshape(-1)
+
+    return ModelAIS(z0, _autograd_value_and_grad([log_init, log_target]), x.repeat(s, 1), False)
+
+
+def _check_generator(generator, batch: int):
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, KeyedNoise):
+        raise TypeError(f"generator must be a torch.Generator or an iwae_ext.keyed.KeyedNoise, got "
+                        f"{type(generator).__name__}")
+    if generator.batch != batch:
+        raise ValueError(f"the KeyedNoise is for {generator.batch} images, x has {batch}")
+
+
+def _normal(shape, dtype, device, generator) -> Tensor:
+    """Standard normals [S, B, Z]: keyed (inside keyed_draws) or from ``generator``."""
+    if isinstance(generator, KeyedNoise):
+        return standard_normal(shape, dtype, device)
+    return torch.randn(shape, dtype=dtype, device=device, generator=generator)
+
+
+def _sample(dist, shape, generator, device) -> Tensor:
+    """dist.sample(shape) with its randomness from ``generator`` (a Distribution takes none: the
+    default generator of the device is seeded from it, and restored afterwards), or keyed per
+    image inside keyed_draws (a KeyedNoise)."""
+    if isinstance(generator, KeyedNoise):
+        with torch.no_grad():
+            return _protocol._draw(dist, shape)
+    if generator is None:
+        return dist.sample(shape)
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device.index if device.index is not None else 0] if cuda else []):
+        if cuda:
+            torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+        else:
+            torch.random.default_generator.manual_seed(seed)
+        return dist.sample(shape)
+
+
 class _FastDensities:
     """z -> (log_init, log_target, their gradients) with the hand-written decoder backward and
     q's analytic gradient; ``grads_only`` skips the density values (inside trajectories)."""
@@ -107,8 +177,8 @@ class _FastDensities:
 def _hierarchical_sample(q, num_chains, generator):
     """[S, B, Z] draws of a HierarchicalPosterior with an explicit generator."""
     loc1, logvar1 = q.q1.loc, q.q1.logvar
-    e1 = torch.randn((num_chains, *loc1.shape), dtype=loc1.dtype, device=loc1.device, generator=generator)
+    e1 = _normal((num_chains, *loc1.shape), loc1.dtype, loc1.device, generator)
     z1 = loc1 + torch.exp(0.5 * logvar1) * e1
     loc2, logvar2 = q._layer2(z1)
-    e2 = torch.randn(loc2.shape, dtype=loc2.dtype, device=loc2.device, generator=generator)
+    e2 = _normal(loc2.shape, loc2.dtype, loc2.device, generator)
     return torch.cat([z1, loc2 + torch.exp(0.5 * logvar2) * e2], -1)

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import Tensor
 
+from .. import protocol as _protocol
 from ..ops import logmeanexp
 
 
@@ -25,7 +26,7 @@ def sir(model, x: Tensor, k: int, num_samples: int = 1, generator: torch.Generat
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"sir: num_samples must be a positive int, got {num_samples!r}")
     with torch.no_grad():
-        log_w, z = model.log_weights(x, k, return_latent=True)  # [k, B], [k, B, Z]
+        log_w, z = _protocol.log_weights(model, x, k, return_latent=True)  # [k, B], [k, B, Z]
         log_norm = log_w - logmeanexp(log_w, 0).unsqueeze(0) - math.log(k)
         w = torch.exp(log_norm)  # [k, B], each column sums to 1
         if not bool(torch.isfinite(w).all()):

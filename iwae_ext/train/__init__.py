@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import evaluate
 from .._checks import check_choice
 from ..data import DATASETS, Dataset, load_dataset
 from ..models import VAE
@@ -351,6 +350,7 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
     ``config.dataset`` (pass it again to resume). Raises :class:`NonFiniteLossError` on a NaN
     or infinite loss, keeping the last good checkpoint.
     """
+    from .. import evaluate  # lazily: `python -m iwae_ext.evaluate` must find it unimported
     config = dataclasses.replace(config or TrainConfig(), **overrides)
     out = config.out
     ckpt = None
@@ -536,6 +536,7 @@ def final_metrics(model, dataset: Dataset, config: TrainConfig, history: list,
                   train_seconds: float) -> dict:
     """Test L_{eval_k} (whole test split), ELBO, train log-likelihood, active units, timings;
     for an autoencoder (no likelihood) the reconstruction errors only."""
+    from .. import evaluate  # lazily: `python -m iwae_ext.evaluate` must find it unimported
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(config.seed + 2)
     if config.model == "ae":
