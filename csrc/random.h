@@ -10,10 +10,13 @@
 // as easy as 1, 2, 3", SC 2011), checked against Random123's known-answer vectors in the tests:
 //   key     = (seed mod 2^32, seed >> 32)
 //   counter = (index[b], row_start + r, step, stream << 24 | d / 2)
-// for output element (r, b, d) of [rows, B, dim]. One block gives two doubles with 53 random
-// bits each, u = (m + 1/2) 2^-53 in (0, 1): elements d (even) and d + 1 of the row are the two
-// uniforms, or the two normals of one Box-Muller pair sqrt(-2 log u1) (cos, sin)(2 pi u2).
-// Everything is computed in double; float32 outputs are rounded from it.
+// for output element (r, b, d) of [rows, B, dim] in float64: one block gives two doubles with
+// 53 random bits each, u = (m + 1/2) 2^-53 in (0, 1); elements d (even) and d + 1 of the row are
+// the two uniforms, or the two normals of one Box-Muller pair sqrt(-2 log u1) (cos, sin)(2 pi u2)
+// computed in double. In float32 the last counter word is stream << 24 | d / 4: one block gives
+// four floats with 23 random bits each, u = (m + 1/2) 2^-23, elements d..d+3 (or two Box-Muller
+// pairs computed in float, as torch.randn does): half the blocks and float math, so drawing
+// costs about what torch.randn costs. (float32 and float64 draws of one key differ.)
 #pragma once
 
 #include <cmath>
@@ -24,7 +27,7 @@
 namespace iwae_ext {
 
 constexpr int64_t kKeyedMaxStream = 255;           // stream fits in 8 bits
-constexpr int64_t kKeyedMaxDim = int64_t(1) << 25;  // d / 2 fits in 24 bits
+constexpr int64_t kKeyedMaxDim = int64_t(1) << 25;  // d / 2 fits in 24 bits (and d / 4)
 
 struct Philox4 {
   uint32_t v[4];
@@ -87,16 +90,60 @@ C10_HOST_DEVICE inline void keyed_pair(uint32_t image, uint32_t row, uint32_t st
   *b = radius * s;
 }
 
-// The numbers of one (row, image) line: out[0 .. dim) of element type T.
-template <typename T>
-C10_HOST_DEVICE inline void keyed_line(T* out, int64_t dim, uint32_t image, uint32_t row,
+// A uniform float in (0, 1) from the top 23 of 32 random bits: m + 1/2 is exact in float, so
+// u is never 0 or 1 (from 2^-24 to 1 - 2^-24; Box-Muller normals reach 5.8 standard deviations).
+C10_HOST_DEVICE inline float keyed_unit_f(uint32_t w) {
+  return (float(w >> 9) + 0.5f) * 1.1920928955078125e-7f;  // 2^-23
+}
+
+// Elements (4j .. 4j + 3) of one float32 row: four uniforms, or two Box-Muller pairs in float.
+C10_HOST_DEVICE inline void keyed_quad(uint32_t image, uint32_t row, uint32_t step,
+                                       uint32_t stream, uint32_t quad, uint32_t k0, uint32_t k1,
+                                       bool normal, float* out) {
+  const Philox4 r = philox4x32_10(image, row, step, (stream << 24) | quad, k0, k1);
+  float u[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) u[i] = keyed_unit_f(r.v[i]);
+  if (!normal) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = u[i];
+    return;
+  }
+  constexpr float kTwoPi = 6.28318530717958647692f;
+#pragma unroll
+  for (int i = 0; i < 4; i += 2) {
+#if defined(__CUDA_ARCH__)
+    const float radius = sqrtf(-2.0f * logf(u[i]));
+    float s, c;
+    sincosf(kTwoPi * u[i + 1], &s, &c);
+#else
+    const float radius = std::sqrt(-2.0f * std::log(u[i]));
+    const float s = std::sin(kTwoPi * u[i + 1]), c = std::cos(kTwoPi * u[i + 1]);
+#endif
+    out[i] = radius * c;
+    out[i + 1] = radius * s;
+  }
+}
+
+// The numbers of one (row, image) line: out[0 .. dim).
+C10_HOST_DEVICE inline void keyed_line(double* out, int64_t dim, uint32_t image, uint32_t row,
                                        uint32_t step, uint32_t stream, uint32_t k0, uint32_t k1,
                                        bool normal) {
   for (int64_t d = 0; d < dim; d += 2) {
     double a, b;
     keyed_pair(image, row, step, stream, uint32_t(d >> 1), k0, k1, normal, &a, &b);
-    out[d] = T(a);
-    if (d + 1 < dim) out[d + 1] = T(b);
+    out[d] = a;
+    if (d + 1 < dim) out[d + 1] = b;
+  }
+}
+
+C10_HOST_DEVICE inline void keyed_line(float* out, int64_t dim, uint32_t image, uint32_t row,
+                                       uint32_t step, uint32_t stream, uint32_t k0, uint32_t k1,
+                                       bool normal) {
+  for (int64_t d = 0; d < dim; d += 4) {
+    float q[4];
+    keyed_quad(image, row, step, stream, uint32_t(d >> 2), k0, k1, normal, q);
+    for (int64_t i = 0; i < 4 && d + i < dim; ++i) out[d + i] = q[i];
   }
 }
 

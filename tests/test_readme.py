@@ -28,7 +28,7 @@ def _block(fragment):
 
 def test_every_python_snippet_is_covered_here():
     covered = ("iwae_ext.build_info()", "iwae_ext.train(", "from iwae_ext.ops import logmeanexp",
-               "samplers.ais(", "class MyVAE")
+               "samplers.ais(", "class MyVAE", "part = evaluate.bounds(")
     for block in _python_blocks():
         assert any(c in block for c in covered), f"a README snippet no test runs:\n{block}"
 
@@ -83,3 +83,11 @@ def test_your_own_model_snippet_runs_as_written():
     assert isinstance(ns["model"], iwae_ext.LatentVariableModel)
     assert ns["ll"].shape == (10,) and ns["ais"].shape == (10,)
     assert bool(torch.isfinite(ns["ll"]).all() and torch.isfinite(ns["ais"]).all())
+
+
+def test_per_image_streams_snippet_runs_after_the_model_snippet(capsys):
+    ns = {}
+    exec(_block("class MyVAE"), ns)
+    exec(_block("part = evaluate.bounds("), ns)
+    printed = float(capsys.readouterr().out.strip().replace("tensor(", "").split(",")[0].rstrip(")"))
+    assert printed < 1e-5  # the same images with other batch mates: float32 rounding only

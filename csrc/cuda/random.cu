@@ -1,4 +1,4 @@
-// CUDA kernel of keyed_random (csrc/random.h): one thread per (row, image, pair of elements),
+// CUDA kernel of keyed_random (csrc/random.h): one thread per (row, image, Philox block),
 // grid-stride; the step is read on the device when it lives there (a CUDA graph replays a
 // temperature loop whose step counter is a device tensor), so nothing synchronises.
 #include <ATen/Dispatch.h>
@@ -23,18 +23,23 @@ __global__ void keyed_random_kernel(T* __restrict__ out, const int64_t* __restri
                                     const int64_t* __restrict__ step_ptr, int64_t step_host,
                                     int64_t B, int64_t dim, int64_t row_start, uint32_t stream,
                                     uint32_t k0, uint32_t k1, bool normal, int64_t n) {
-  const int64_t pairs = (dim + 1) / 2;
+  constexpr int kGroup = sizeof(T) == 4 ? 4 : 2;  // elements per Philox block (random.h)
+  const int64_t groups = (dim + kGroup - 1) / kGroup;
   const uint32_t t = uint32_t(step_ptr != nullptr ? *step_ptr : step_host);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t line = i / pairs, j = i % pairs;
+    const int64_t line = i / groups, j = i % groups;
     const int64_t r = line / B, b = line % B;
-    double a, c;
-    keyed_pair(uint32_t(index[b]), uint32_t(row_start + r), t, stream, uint32_t(j), k0, k1,
-               normal, &a, &c);
-    T* o = out + line * dim + 2 * j;
-    o[0] = T(a);
-    if (2 * j + 1 < dim) o[1] = T(c);
+    T v[4];
+    if constexpr (kGroup == 4) {
+      keyed_quad(uint32_t(index[b]), uint32_t(row_start + r), t, stream, uint32_t(j), k0, k1,
+                 normal, v);
+    } else {
+      keyed_pair(uint32_t(index[b]), uint32_t(row_start + r), t, stream, uint32_t(j), k0, k1,
+                 normal, &v[0], &v[1]);
+    }
+    T* o = out + line * dim + kGroup * j;
+    for (int e = 0; e < kGroup && kGroup * j + e < dim; ++e) o[e] = v[e];
   }
 }
 
@@ -52,7 +57,8 @@ at::Tensor keyed_random_cuda(const at::Tensor& index, const at::Tensor& step, in
   const bool on_device = step.is_cuda();
   const int64_t step_host = on_device ? 0 : step.item<int64_t>();  // a host tensor: no sync
   const at::Tensor step_dev = on_device ? step.contiguous() : at::Tensor();
-  const int64_t n = rows * B * ((dim + 1) / 2);
+  const int64_t group = dtype == at::kFloat ? 4 : 2;
+  const int64_t n = rows * B * ((dim + group - 1) / group);
   const unsigned blocks =
       static_cast<unsigned>(std::clamp<int64_t>((n + kThreads - 1) / kThreads, 1, 65535 * 8));
   const uint32_t k0 = uint32_t(uint64_t(seed)), k1 = uint32_t(uint64_t(seed) >> 32);

@@ -95,24 +95,30 @@ def philox4x32_10(counter: Tensor, key: tuple[int, int]) -> Tensor:
 def keyed_random(index: Tensor, step: int, seed: int, stream: int, rows: int, row_start: int,
                  dim: int, normal: bool, dtype: torch.dtype) -> Tensor:
     """Element (r, b, d) of [rows, B, dim] from Philox4x32-10 with key (seed low, seed high) and
-    counter (index[b], row_start + r, step, stream << 24 | d // 2): two 53-bit uniforms per block,
-    u = (m + 1/2) 2^-53, used as they are or as one Box-Muller pair (csrc/random.h)."""
+    counter (index[b], row_start + r, step, stream << 24 | d // g) (csrc/random.h). float64:
+    g = 2, two 53-bit uniforms u = (m + 1/2) 2^-53 per block, used as they are or as one
+    Box-Muller pair in double; float32: g = 4, four 23-bit uniforms u = (m + 1/2) 2^-23 per
+    block, or two Box-Muller pairs in float."""
     b = index.shape[0]
-    pairs = (dim + 1) // 2
+    wide = dtype == torch.float64
+    group = 2 if wide else 4
+    blocks = (dim + group - 1) // group
     r = torch.arange(row_start, row_start + rows, dtype=torch.int64, device=index.device)
-    j = torch.arange(pairs, dtype=torch.int64, device=index.device)
-    shape = (rows, b, pairs)
+    j = torch.arange(blocks, dtype=torch.int64, device=index.device)
+    shape = (rows, b, blocks)
     counter = torch.stack([index.view(1, b, 1).expand(shape) & _MASK32, r.view(rows, 1, 1).expand(shape),
                            torch.full(shape, step & _MASK32, dtype=torch.int64, device=index.device),
-                           ((stream << 24) | j).view(1, 1, pairs).expand(shape)], -1)
+                           ((stream << 24) | j).view(1, 1, blocks).expand(shape)], -1)
     w = philox4x32_10(counter, (seed & _MASK32, (seed >> 32) & _MASK32))
-
-    def unit(hi, lo):  # the top 53 bits of hi:lo, exactly representable in float64
-        m = (hi << 21) | (lo >> 11)
-        return (m.double() + 0.5) * 2.0 ** -53
-
-    u1, u2 = unit(w[..., 0], w[..., 1]), unit(w[..., 2], w[..., 3])
+    if wide:  # the top 53 bits of hi:lo, exactly representable in float64
+        u = [((((w[..., 2 * i] << 21) | (w[..., 2 * i + 1] >> 11))).double() + 0.5) * 2.0 ** -53 for i in range(2)]
+    else:  # the top 23 bits of each word: m + 1/2 exactly representable in float32
+        u = [((w[..., i] >> 9).float() + 0.5) * 2.0 ** -23 for i in range(4)]
     if normal:
-        radius = torch.sqrt(-2.0 * torch.log(u1))
-        u1, u2 = radius * torch.cos(2 * math.pi * u2), radius * torch.sin(2 * math.pi * u2)
-    return torch.stack([u1, u2], -1).reshape(rows, b, 2 * pairs)[..., :dim].to(dtype)
+        two_pi = torch.tensor(2 * math.pi, dtype=u[0].dtype)
+        out = []
+        for i in range(0, len(u), 2):
+            radius = torch.sqrt(-2.0 * torch.log(u[i]))
+            out += [radius * torch.cos(two_pi * u[i + 1]), radius * torch.sin(two_pi * u[i + 1])]
+        u = out
+    return torch.stack(u, -1).reshape(rows, b, group * blocks)[..., :dim].to(dtype)
