@@ -24,6 +24,12 @@
 
 #include <c10/macros/Macros.h>
 
+#if defined(__CUDACC__)
+#define IWAE_UNROLL _Pragma("unroll")
+#else
+#define IWAE_UNROLL
+#endif
+
 namespace iwae_ext {
 
 constexpr int64_t kKeyedMaxStream = 255;           // stream fits in 8 bits
@@ -44,7 +50,7 @@ C10_HOST_DEVICE inline Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t 
                                              uint32_t k0, uint32_t k1) {
   constexpr uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
   constexpr uint32_t W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
-#pragma unroll
+IWAE_UNROLL
   for (int round = 0; round < 10; ++round) {
     uint32_t hi0, lo0, hi1, lo1;
     philox_mulhilo(M0, c0, &hi0, &lo0);
@@ -102,15 +108,15 @@ C10_HOST_DEVICE inline void keyed_quad(uint32_t image, uint32_t row, uint32_t st
                                        bool normal, float* out) {
   const Philox4 r = philox4x32_10(image, row, step, (stream << 24) | quad, k0, k1);
   float u[4];
-#pragma unroll
+IWAE_UNROLL
   for (int i = 0; i < 4; ++i) u[i] = keyed_unit_f(r.v[i]);
   if (!normal) {
-#pragma unroll
+IWAE_UNROLL
     for (int i = 0; i < 4; ++i) out[i] = u[i];
     return;
   }
   constexpr float kTwoPi = 6.28318530717958647692f;
-#pragma unroll
+IWAE_UNROLL
   for (int i = 0; i < 4; i += 2) {
 #if defined(__CUDA_ARCH__)
     const float radius = sqrtf(-2.0f * logf(u[i]));

@@ -109,8 +109,9 @@ def check_settings(out: str, settings: dict, resume: bool, rank: int, d: Dist):
         if changed:
             raise ValueError(f"--resume: the evaluation in {out} was started with other settings "
                              f"({', '.join(f'{k}: {old.get(k)!r} then, {settings.get(k)!r} now' for k in changed)})")
-    elif resume and glob.glob(os.path.join(out, "*.jsonl")):
-        raise ValueError(f"--resume: {out} has results but no eval.json")
+    elif glob.glob(os.path.join(out, "*.jsonl")):
+        raise ValueError(f"{out} has per-image results but no eval.json saying what they are; "
+                         f"choose another --out")
     d.barrier()
     if rank == 0 and not os.path.exists(path):
         tmp = path + ".tmp"

@@ -386,6 +386,8 @@ def hmc(log_target: LogDensity | None, z0: Tensor, num_samples: int, num_leapfro
     log_target: z [C, D] -> [C] (unnormalised); or ``grad_fn``: z -> (log_target(z), its gradient).
     The step sizes adapt toward ``target_accept`` during the ``num_warmup`` transitions only, then
     stay fixed, so the sampling phase is an exact (reversible, volume-preserving) HMC chain.
+    ``generator``: a torch.Generator, or an :class:`iwae_ext.keyed.KeyedNoise` (transition i keyed
+    by i, warm-up included), as in :func:`ais`.
     """
     fn = "hmc"
     _check_z0(z0, fn)
