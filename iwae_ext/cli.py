@@ -237,7 +237,7 @@ def eval_main(argv=None) -> int:
         x = x[index]
     settings = {"checkpoint_digest": ckpt.get("digest"), "dataset": args.dataset or ckpt["config"]["dataset"],
                 "split": args.split, "limit": args.limit, "seed": args.seed, "k": args.k, "ais": ais_settings,
-                "bdmc": args.bdmc}
+                "bdmc": args.bdmc, "batch_size": args.batch_size}  # the batches fix each image's rounding
     try:
         if args.out:
             _eval_run.check_settings(args.out, settings, args.resume, d.rank, d)
