@@ -246,40 +246,38 @@ def ais_log_likelihood(model, x: Tensor, num_chains: int = 16, num_temps: int = 
     seed = resolve_seed(seed, generator)
     betas = _schedule(schedule, num_temps)
     p = _Param(model, x)
-    mode = _protocol.evaluation_mode(model)
-    mode.__enter__()
-    rows, weights, rates, steps = [], [], [], []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=x.shape[0], desc=desc or f"AIS T={num_temps}", unit="image", leave=False)
-    try:
-        for start in range(0, x.shape[0], batch_size):
-            xb = x[start:start + batch_size].to(device=p.device, dtype=p.dtype)
-            b = xb.shape[0]
-            noise = KeyedNoise(seed, index[start:start + batch_size], p.device)
-            dens = model_ais_densities(model, xb, num_chains, init, fast_grad, noise)
-            if reverse_z is None:
-                res = ais(None, None, dens.z0, betas, num_leapfrog, step_size, target_accept,
-                          grad_fn=dens.grad_fn, generator=noise)
-            else:
-                def backwards(zz, f=dens.grad_fn):
-                    li, lt, gi, gt = f(zz)
-                    return lt, li, gt, gi  # the target is the start, q(z|x) the end
+    with _protocol.evaluation_mode(model):
+        rows, weights, rates, steps = [], [], [], []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=x.shape[0], desc=desc or f"AIS T={num_temps}", unit="image", leave=False)
+        try:
+            for start in range(0, x.shape[0], batch_size):
+                xb = x[start:start + batch_size].to(device=p.device, dtype=p.dtype)
+                b = xb.shape[0]
+                noise = KeyedNoise(seed, index[start:start + batch_size], p.device)
+                dens = model_ais_densities(model, xb, num_chains, init, fast_grad, noise)
+                if reverse_z is None:
+                    res = ais(None, None, dens.z0, betas, num_leapfrog, step_size, target_accept,
+                              grad_fn=dens.grad_fn, generator=noise)
+                else:
+                    def backwards(zz, f=dens.grad_fn):
+                        li, lt, gi, gt = f(zz)
+                        return lt, li, gt, gi  # the target is the start, q(z|x) the end
 
-                zb = reverse_z[start:start + batch_size].to(device=p.device, dtype=p.dtype)
-                res = ais(None, None, zb.repeat(num_chains, 1), betas, num_leapfrog, step_size,
-                          target_accept, grad_fn=backwards, generator=noise, reverse=True)
-            rows.append(res.log_normalizer(b).cpu())
-            weights.append(res.log_weights.view(num_chains, b).cpu())
-            rates.append(res.acceptance_rate.view(num_chains, b).mean(0).cpu())
-            steps.append(res.step_size.double().view(num_chains, b).mean(0).cpu())
+                    zb = reverse_z[start:start + batch_size].to(device=p.device, dtype=p.dtype)
+                    res = ais(None, None, zb.repeat(num_chains, 1), betas, num_leapfrog, step_size,
+                              target_accept, grad_fn=backwards, generator=noise, reverse=True)
+                rows.append(res.log_normalizer(b).cpu())
+                weights.append(res.log_weights.view(num_chains, b).cpu())
+                rates.append(res.acceptance_rate.view(num_chains, b).mean(0).cpu())
+                steps.append(res.step_size.double().view(num_chains, b).mean(0).cpu())
+                if bar is not None:
+                    bar.update(b)
+        finally:
             if bar is not None:
-                bar.update(b)
-    finally:
-        mode.__exit__()
-        if bar is not None:
-            bar.close()
+                bar.close()
     ll = torch.cat(rows)
     if not return_details:
         return ll

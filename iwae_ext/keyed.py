@@ -52,6 +52,13 @@ def resolve_seed(seed: int | None, generator: torch.Generator | None = None) -> 
     return int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=device))
 
 
+def check_generator(generator):
+    """TypeError unless ``generator`` is None, a torch.Generator or a :class:`KeyedNoise`."""
+    if generator is not None and not isinstance(generator, (torch.Generator, KeyedNoise)):
+        raise TypeError(f"generator must be a torch.Generator or an iwae_ext.keyed.KeyedNoise, "
+                        f"got {type(generator).__name__}")
+
+
 class KeyedNoise:
     """Random numbers of the images ``index`` [B] (int64; moved to ``device``) under ``seed``."""
 

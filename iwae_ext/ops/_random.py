@@ -15,7 +15,7 @@ from torch import Tensor
 MAX_STREAM = 255
 
 
-def _step(step, index: Tensor) -> Tensor:
+def _step(step) -> Tensor:
     if isinstance(step, Tensor):
         return step
     return torch.tensor(int(step), dtype=torch.int64)  # a host scalar: read without a sync
@@ -27,7 +27,7 @@ def keyed_normal(index: Tensor, rows: int, dim: int, seed: int, stream: int = 0,
     row r is sample ``row_start + r``; ``step`` (an int, or an int64 tensor of one element on
     the host or on index's device, e.g. a temperature counter inside a CUDA graph) and
     ``stream`` (0-255, one per purpose) select independent streams; ``seed`` >= 0 (< 2^64)."""
-    return torch.ops.iwae_ext.keyed_random.default(index, _step(step, index), int(seed), int(stream),
+    return torch.ops.iwae_ext.keyed_random.default(index, _step(step), int(seed), int(stream),
                                                     int(rows), int(row_start), int(dim), True, dtype)
 
 
@@ -35,7 +35,7 @@ def keyed_uniform(index: Tensor, rows: int, dim: int, seed: int, stream: int = 0
                   row_start: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
     """Uniforms in (0, 1) [rows, B, dim], keyed as :func:`keyed_normal`, never exactly 0 or 1:
     53 random bits each in float64, 23 in float32 (float32 and float64 draws differ)."""
-    return torch.ops.iwae_ext.keyed_random.default(index, _step(step, index), int(seed), int(stream),
+    return torch.ops.iwae_ext.keyed_random.default(index, _step(step), int(seed), int(stream),
                                                     int(rows), int(row_start), int(dim), False, dtype)
 
 

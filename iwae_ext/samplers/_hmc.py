@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..keyed import STREAMS, KeyedNoise
+from ..keyed import STREAMS, KeyedNoise, check_generator
 from ..ops import hmc_accept, hmc_leapfrog
 
 LogDensity = Callable[[Tensor], Tensor]
@@ -118,9 +118,7 @@ class _Trajectory:
 
     def __init__(self, value_and_grad, num_leapfrog, target_accept, adapt, settings, generator,
                  streams=(STREAMS["ais_momentum"], STREAMS["ais_uniform"])):
-        if generator is not None and not isinstance(generator, (torch.Generator, KeyedNoise)):
-            raise TypeError(f"generator must be a torch.Generator or an iwae_ext.keyed.KeyedNoise, "
-                            f"got {type(generator).__name__}")
+        check_generator(generator)
         self.streams = streams
         self.value_and_grad = value_and_grad
         self.num_leapfrog = num_leapfrog

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import protocol as _protocol
-from ..keyed import STREAMS, KeyedNoise, keyed_draws, standard_normal
+from ..keyed import STREAMS, KeyedNoise, check_generator, keyed_draws, standard_normal
 from .._checks import check_choice
 from ..models.vae import VAE, DiagonalNormal, normal_log_prob, standard_normal_log_prob
 
@@ -119,12 +119,8 @@ def _protocol_densities(model, x: Tensor, num_chains: int, init: str, generator)
 
 
 def _check_generator(generator, batch: int):
-    if generator is None or isinstance(generator, torch.Generator):
-        return
-    if not isinstance(generator, KeyedNoise):
-        raise TypeError(f"generator must be a torch.Generator or an iwae_ext.keyed.KeyedNoise, got "
-                        f"{type(generator).__name__}")
-    if generator.batch != batch:
+    check_generator(generator)
+    if isinstance(generator, KeyedNoise) and generator.batch != batch:
         raise ValueError(f"the KeyedNoise is for {generator.batch} images, x has {batch}")
 
 
@@ -139,9 +135,8 @@ def _sample(dist, shape, generator, device) -> Tensor:
     """dist.sample(shape) with its randomness from ``generator`` (a Distribution takes none: the
     default generator of the device is seeded from it, and restored afterwards), or keyed per
     image inside keyed_draws (a KeyedNoise)."""
-    if isinstance(generator, KeyedNoise):
-        with torch.no_grad():
-            return _protocol._draw(dist, shape)
+    if isinstance(generator, KeyedNoise):  # the caller's keyed_draws is active
+        return _protocol._draw(dist, shape)
     if generator is None:
         return dist.sample(shape)
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
