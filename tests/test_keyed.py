@@ -6,6 +6,8 @@ import re
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from iwae_ext.keyed import KeyedNoise, keyed_draws, standard_normal
 from iwae_ext.ops import keyed_normal, keyed_uniform, reference
@@ -152,3 +154,17 @@ def test_op_errors_name_the_argument(kwargs, message):
         keyed_normal(torch.arange(2).int(), 1, 1, seed=0)
     with pytest.raises(ValueError, match="seed must be an int"):
         KeyedNoise(-3, torch.arange(2))
+
+
+@given(st.integers(0, 2 ** 32 - 1), st.integers(0, 5), st.integers(0, 2 ** 32 - 6), st.integers(0, 2 ** 40),
+       st.integers(0, 255), st.integers(0, 2 ** 63 - 1), st.integers(0, 9), st.booleans(),
+       st.sampled_from([torch.float32, torch.float64]))
+def test_op_equals_twin_anywhere_in_its_counter_space(image, rows, row_start, step, stream, seed, dim, normal, dtype):
+    """The op has no gradient (integer keys in, random numbers out): its contract is the twin's
+    values, checked at coordinates hypothesis picks across the whole key and counter range."""
+    index = torch.tensor([image, 0])
+    got = torch.ops.iwae_ext.keyed_random(index, torch.tensor(step), seed, stream, rows, row_start, dim,
+                                          normal, dtype)
+    want = reference.keyed_random(index, step, seed, stream, rows, row_start, dim, normal, dtype)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got, want, rtol=2 * eps, atol=2 * eps)
