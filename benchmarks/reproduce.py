@@ -92,8 +92,8 @@ def _read_state(run_dir: str, epochs: int):
             pass
     ckpt = os.path.join(run_dir, "checkpoint.pt")
     if os.path.isfile(ckpt):
-        from iwae_ext.train import _read_checkpoint
-        st = _read_checkpoint(ckpt)["train_state"]
+        from iwae_ext.train import read_checkpoint
+        st = read_checkpoint(ckpt)["train_state"]
         return "resume", st["epoch"] + st["step"] / 1e9  # epochs done (the step fraction is small)
     return "new", 0
 
@@ -126,7 +126,8 @@ def estimate(spec, models, args, done_epochs, steps=10, warmup=3):
     from iwae_ext import evaluate
     from iwae_ext.data import load_dataset
     from iwae_ext.objectives import objective
-    from iwae_ext.train import _MODEL_KIND, _subset, build_model
+    from iwae_ext.train import KINDS, build_model
+    from iwae_ext.train.loop import _subset
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -146,7 +147,7 @@ def estimate(spec, models, args, done_epochs, steps=10, warmup=3):
             if i == warmup:
                 sync()
                 t0 = time.perf_counter()
-            loss = -objective(model, x, config.k, _MODEL_KIND[model_name][0]).mean()
+            loss = -objective(model, x, config.k, KINDS[model_name].bound_name).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

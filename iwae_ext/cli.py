@@ -25,7 +25,7 @@ def _hidden(text: str) -> list[list[int]]:
 
 def train_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
-    from .train import TrainConfig
+    from .train import KINDS, TrainConfig
 
     d = TrainConfig()
     S = argparse.SUPPRESS  # only flags given on the command line override the defaults
@@ -35,7 +35,7 @@ def train_parser() -> argparse.ArgumentParser:
                     "With no flags: IWAE k=5, 784-200-200-50 tanh, 30 epochs on the bundled "
                     "binarized MNIST, test L_5000.")
     a = p.add_argument
-    a("--model", choices=["vae", "iwae", "iwaer", "iwaer_rec", "aiwae", "ae"], default=S,
+    a("--model", choices=list(KINDS), default=S,
       help=f"VAE (ELBO), IWAE (IWAE bound), IWAER / IWAER_rec (random decoder and encoder weights / "
            f"random encoder weights, paper 000), AIWAE (annealed importance weights, paper 004), "
            f"AE (vanilla autoencoder on squared error, paper 003) (default {d.model})")
@@ -90,6 +90,13 @@ def train_parser() -> argparse.ArgumentParser:
     a("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
     a("--reference-ops", dest="fused", action="store_false", default=S,
       help="reduce with the pure-PyTorch twin instead of the fused op (for comparisons)")
+    a("--compile", action=argparse.BooleanOptionalAction, default=S,
+      help="the training step under torch.compile (a CUDA graph on one GPU); default: compiled where "
+           "measured faster, for runs of at least a few thousand steps")
+    a("--dtype", choices=["float32", "float64"], default=S, help=f"(default {d.dtype})")
+    a("--sync-every", type=int, dest="sync_every", default=S,
+      help=f"steps between read-backs to the host (non-finite check; stop requests under torchrun) "
+           f"(default {d.sync_every})")
     return p
 
 
@@ -99,7 +106,10 @@ def train_main(argv=None) -> int:
     from .data import DataError
     from .train import NonFiniteLossError, TrainConfig, train
 
+    import os
+
     args = vars(train_parser().parse_args(argv))
+    lead = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
     if "out" not in args:
         if args.get("resume"):
             print("iwae-train: --resume needs --out (the run directory)", file=sys.stderr)
@@ -108,17 +118,26 @@ def train_main(argv=None) -> int:
         args["out"] = "runs/{}-k{}-{}-{}".format(args.get("model", d.model), args.get("k", d.k),
                                                  args.get("dataset", d.dataset),
                                                  time.strftime("%Y%m%d-%H%M%S"))
-    print(f"iwae-train: run directory {args['out']}", flush=True)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank must name the same directory
+            args["out"] = _rank0_value(args["out"], args.get("device", "auto"))
+    if lead:
+        print(f"iwae-train: run directory {args['out']}", flush=True)
     try:
         metrics = train(**args)
     except NonFiniteLossError as e:
-        print(f"iwae-train: {e}", file=sys.stderr)
+        if lead:
+            print(f"iwae-train: {e}", file=sys.stderr)
         return 1
     except (DataError, ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"iwae-train: error: {e}", file=sys.stderr)
+        if lead:
+            print(f"iwae-train: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _close_group()
     if metrics.get("stopped"):
         return 130
+    if not lead:
+        return 0
     t = metrics["timings"]
     if "test_mse" in metrics:  # an autoencoder: no likelihood
         print(f"test reconstruction MSE {metrics['test_mse']:.5f} per pixel (squared error "
@@ -131,6 +150,27 @@ def train_main(argv=None) -> int:
           f"{metrics['train_log_likelihood']:.2f}; active units {metrics['active_units']}; "
           f"{t['seconds_per_epoch']:.1f} s/epoch; run in {args['out']}")
     return 0
+
+
+def _close_group():
+    """End a process group that :func:`_rank0_value` started (the trainer ends its own)."""
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _rank0_value(value, device: str):
+    """Rank 0's ``value`` on every rank of the torchrun job (the process group is started here
+    and used by the trainer)."""
+    import torch.distributed as dist
+
+    from ._eval_run import Dist
+    from .train.loop import _device
+    Dist(_device(device))
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def eval_main(argv=None) -> int:

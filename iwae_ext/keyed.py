@@ -35,6 +35,7 @@ STREAMS = {
     "ais_uniform": 129,
     "reverse_momentum": 130,  # reverse AIS (BDMC's upper bound)
     "reverse_uniform": 131,
+    "binarize": 132,        # training: the dynamic binarisation of an image (step = epoch)
 }
 _MAX_DRAWS = 64
 
@@ -105,8 +106,9 @@ class _Draws:
     """The state of an active :func:`keyed_draws`: the noise, the first sample's index and the
     next program-order stream."""
 
-    def __init__(self, noise: KeyedNoise, row_start: int, first_stream: int):
+    def __init__(self, noise: KeyedNoise, row_start: int, first_stream: int, step):
         self.noise, self.row_start, self.next, self.last = noise, row_start, first_stream, first_stream + _MAX_DRAWS
+        self.step = step
 
     def normal(self, shape, dtype) -> Tensor | None:
         shape = tuple(shape)
@@ -120,18 +122,19 @@ class _Draws:
         if self.next >= self.last:
             raise RuntimeError(f"keyed_draws: more than {_MAX_DRAWS} random draws in one evaluation step")
         stream, self.next = self.next, self.next + 1
-        return self.noise.normal(rows, dim, stream, 0, self.row_start, dtype).view(shape)
+        return self.noise.normal(rows, dim, stream, self.step, self.row_start, dtype).view(shape)
 
 
 _ACTIVE: list[_Draws] = []
 
 
 @contextlib.contextmanager
-def keyed_draws(noise: KeyedNoise, row_start: int = 0, first_stream: int = STREAMS["draws"]):
+def keyed_draws(noise: KeyedNoise, row_start: int = 0, first_stream: int = STREAMS["draws"], step=0):
     """While active, the package's samplers draw their normals from ``noise``: sample s of image
     b is row ``row_start + s`` of every draw (so chunks of samples continue each other's rows),
-    the n-th draw takes stream ``first_stream + n``."""
-    _ACTIVE.append(_Draws(noise, row_start, first_stream))
+    the n-th draw takes stream ``first_stream + n``; ``step`` (an int or an int64 tensor of one
+    element, e.g. the trainer's epoch) selects another set of streams."""
+    _ACTIVE.append(_Draws(noise, row_start, first_stream, step))
     try:
         yield noise
     finally:

@@ -107,11 +107,16 @@ class AIWAEStep:
 
 
 def aiwae_step(model, x: Tensor, k: int, betas: Tensor, num_leapfrog: int, step_sizes: Tensor,
-               generator: torch.Generator | None = None) -> AIWAEStep:
+               generator=None, encoder_only_elbo: bool = False) -> AIWAEStep:
     """AIWAE's losses for ``model`` (one stochastic layer, deterministic weights) on x [B, D]:
     K = ``k`` chains per point, inverse temperatures ``betas`` (beta_t = t / (T - 1) in the
     paper), ``num_leapfrog`` leapfrog steps per HMC transition with the per-temperature
-    ``step_sizes`` [T-1] (the caller adapts them between steps toward an acceptance of 0.6)."""
+    ``step_sizes`` [T-1] (the caller adapts them between steps toward an acceptance of 0.6).
+    ``generator``: a torch.Generator, or a :class:`iwae_ext.keyed.KeyedNoise` for x's images
+    (keyed AIS draws; the ELBO's sample is keyed when a ``keyed_draws`` is active).
+    ``encoder_only_elbo``: the encoder loss's graph reaches the encoder's parameters only (the
+    decoder's are used detached), so ``(decoder_loss + encoder_loss).backward()`` gives each
+    part its own gradient in one backward pass (what data-parallel training needs)."""
     from .samplers import ais, model_ais_densities
     if len(model.latent_dims) != 1 or model.random_weights != "none":
         raise ValueError("AIWAE: needs one stochastic layer and deterministic weights")
@@ -127,5 +132,13 @@ def aiwae_step(model, x: Tensor, k: int, betas: Tensor, num_leapfrog: int, step_
     z = res.z.view(k, b, -1)
     log_p = model.log_joint(x, z)  # [K, B]; z is data here (no gradient)
     decoder_loss = -(w * log_p).sum(0).mean()
-    encoder_loss = -objective(model, x, 1, "elbo").mean()
+    if encoder_only_elbo:
+        from torch.func import functional_call
+        q = model.posterior(x)
+        z1 = q.rsample((1,))
+        frozen = {name: p.detach() for name, p in model.decoder.named_parameters()}
+        log_lik = model.decoder.log_prob(model._check_x(x), functional_call(model.decoder, frozen, (z1,)))
+        encoder_loss = -(model.prior_log_prob(z1) + log_lik - q.log_prob(z1)).mean()
+    else:
+        encoder_loss = -objective(model, x, 1, "elbo").mean()
     return AIWAEStep(decoder_loss, encoder_loss, bound, res.acceptance_per_temperature)
