@@ -75,14 +75,29 @@ class _Step(nn.Module):
         self.model, self.kind, self.binarize, self.seed = model, kind, binarize, seed
         self.register_buffer("data", data, persistent=False)
 
-    def forward(self, index: Tensor, step: Tensor, scale: float, epoch: int):
+    def forward(self, index: Tensor, step: Tensor, scale: float, noise: StepNoise):
+        # (noise is made by the caller: an int made in here would be guarded, one graph per epoch)
         from ..ops import keyed_uniform
         x = self.data[index]
         if self.binarize:
             u = keyed_uniform(index, 1, x.shape[-1], self.seed, STREAMS["binarize"], step, dtype=x.dtype)[0]
             x = (u < x).to(x.dtype)
         with keyed_draws(KeyedNoise(self.seed, index), step=step):
-            return self.kind.loss(self.model, x, scale, StepNoise(self.seed, index, step, epoch))
+            return self.kind.loss(self.model, x, scale, noise)
+
+
+class _EpochState:
+    """The device tensors of an epoch in progress: its permutation, its key (the epoch as a
+    tensor), the bound summed per step, and the non-finite latch (``bad``: skip every update from
+    ``first_bad`` on; ``found_inf`` is bad as fused Adam reads it)."""
+
+    def __init__(self, perm: Tensor, step_t: Tensor, bound_sums: Tensor, params: list, found_inf: Tensor):
+        dev = perm.device
+        self.perm, self.step_t, self.bound_sums, self.params, self.found_inf = perm, step_t, bound_sums, params, found_inf
+        self.bad = torch.zeros((), dtype=torch.bool, device=dev)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
+        self.bad_loss = torch.zeros((), dtype=torch.float64, device=dev)
+        found_inf.zero_()
 
 
 class _StopFlag:
@@ -255,13 +270,13 @@ class _Run:
         self.kind = KINDS[config.model](config, self.model, device, self.n, self.world)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-4,
                                     fused=True)
-        self.epoch, self.step, self.history, self.train_seconds, self.resumed_sum = 0, 0, [], 0.0, 0.0
+        self.epoch, self.step, self.history, self.train_seconds, self.resumed_sums = 0, 0, [], 0.0, None
         if ckpt is not None:
             self.model.load_state_dict(ckpt["model_state"])
             self.opt.load_state_dict(ckpt["optimizer_state"])
             st = ckpt["train_state"]
             self.epoch, self.step, self.train_seconds = st["epoch"], st["step"], st["train_seconds"]
-            self.resumed_sum = st["bound_sum"]
+            self.resumed_sums = st["bound_sums"]
             self.history = list(ckpt.get("history", []))
             self.kind.load_state_dict(st["kind"])
         self.seed = key(config.seed, "train")
@@ -325,67 +340,36 @@ class _Run:
 
     def _epoch(self, params, found_inf: Tensor, stop_requested) -> bool:
         """One epoch from ``self.step``; True when a stop was requested (after a checkpoint)."""
-        c, dev, B = self.config, self.device, self.config.batch_size
+        c, dev = self.config, self.device
         lr = burda_schedule(self.epoch) if c.schedule == "burda" else c.lr
         for group in self.opt.param_groups:
             group["lr"] = lr
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(key(c.seed, "perm", self.epoch)))
         perm = perm.to(dev)
         step_t = torch.tensor(self.epoch, dtype=torch.int64).to(dev)  # keys the epoch's streams
-        bound_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        # the bound summed per step (this rank's points), reduced over ranks at the read-back and
+        # summed in step order: the same number whether the epoch was interrupted or not
+        bound_sums = torch.zeros(self.steps_per_epoch, dtype=torch.float64, device=dev)
         if self.rank == 0 and self.step:
-            bound_sum += self.resumed_sum
-        self.resumed_sum = 0.0
-        bad = torch.zeros((), dtype=torch.bool, device=dev)
-        first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
-        bad_loss = torch.zeros((), dtype=torch.float64, device=dev)
-        found_inf.zero_()
+            bound_sums[:self.step] = self.resumed_sums.to(dev)
+        self.resumed_sums = None
+        st = _EpochState(perm, step_t, bound_sums, params, found_inf)
         t0 = time.perf_counter()
-        stop = False
-        while self.step < self.steps_per_epoch:
-            if self.world == 1 and stop_requested():  # a host-side check: no read-back
-                stop = True
-                break
-            rows = perm[self.step * B:(self.step + 1) * B]
-            index = rows.tensor_split(self.world)[self.rank] if self.world > 1 else rows
-            loss, bound, aux = self.forward(index, step_t, self.world / rows.shape[0], self.epoch)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            # on the device: a non-finite loss or gradient skips this update and every later one
-            norms = torch._foreach_norm([p.grad for p in params if p.grad is not None])
-            step_bad = ~(torch.isfinite(loss) & torch.isfinite(torch.stack(norms).sum()))
-            if self.world > 1:  # the loss is this rank's: agree, so every rank skips alike
-                flag = step_bad.to(torch.float32)
-                dist.all_reduce(flag, dist.ReduceOp.MAX)
-                step_bad = flag > 0
-            new = step_bad & ~bad
-            first_bad = torch.where(new, self.step, first_bad)
-            bad_loss = torch.where(new, loss.detach().double(), bad_loss)
-            bad |= step_bad
-            found_inf.copy_(bad)
-            self.opt.step()
-            self.kind.update(aux, ~bad)
-            bound_sum += torch.where(bad, 0.0, bound.double().sum())
-            self.step += 1
-            if self.step % c.sync_every == 0 and self.step < self.steps_per_epoch:
-                self._raise_if_bad(first_bad, bad_loss)  # the read-back
-                if self.world > 1 and self._any_rank(stop_requested()):
-                    stop = True
-                    break
-        self._raise_if_bad(first_bad, bad_loss)
+        stop = self._steps(st, stop_requested)
+        self._raise_if_bad(st)
         self.train_seconds += time.perf_counter() - t0
         if self.world > 1:
-            dist.all_reduce(bound_sum)
+            dist.all_reduce(bound_sums)
         if stop:
-            self._checkpoint(float(bound_sum))
+            self._checkpoint(bound_sums[:self.step].cpu())
             return True
         count = self.n
-        record = {"epoch": self.epoch + 1, "lr": lr, "train_bound": float(bound_sum) / count,
+        record = {"epoch": self.epoch + 1, "lr": lr, "train_bound": float(bound_sums.sum()) / count,
                   "objective": self.kind.describe(), "seconds": round(time.perf_counter() - t0, 3),
                   "train_seconds": round(self.train_seconds, 3), **self.kind.epoch_record(self.steps_per_epoch)}
         self.history.append(record)
         self.epoch, self.step = self.epoch + 1, 0
-        self._checkpoint(0.0)
+        self._checkpoint(torch.zeros(0, dtype=torch.float64))
         if self.out:
             with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -393,24 +377,59 @@ class _Run:
             return True
         return False
 
+    def _steps(self, st: "_EpochState", stop_requested) -> bool:
+        """The epoch's steps from ``self.step``: nothing read back to the host except every
+        ``sync_every`` steps; True when a stop was requested."""
+        B = self.config.batch_size
+        while self.step < self.steps_per_epoch:
+            if self.world == 1 and stop_requested():  # a host-side check: no read-back
+                return True
+            rows = st.perm[self.step * B:(self.step + 1) * B]
+            index = rows.tensor_split(self.world)[self.rank] if self.world > 1 else rows
+            loss, bound, aux = self.forward(index, st.step_t, self.world / rows.shape[0],
+                                            StepNoise(self.seed, index, st.step_t, self.epoch))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            # on the device: a non-finite loss or gradient skips this update and every later one
+            norms = torch._foreach_norm([p.grad for p in st.params if p.grad is not None])
+            step_bad = ~(torch.isfinite(loss) & torch.isfinite(torch.stack(norms).sum()))
+            if self.world > 1:  # the loss is this rank's: agree, so every rank skips alike
+                flag = step_bad.to(torch.float32)
+                dist.all_reduce(flag, dist.ReduceOp.MAX)
+                step_bad = flag > 0
+            new = step_bad & ~st.bad
+            st.first_bad = torch.where(new, self.step, st.first_bad)
+            st.bad_loss = torch.where(new, loss.detach().double(), st.bad_loss)
+            st.bad |= step_bad
+            st.found_inf.copy_(st.bad)
+            self.opt.step()
+            self.kind.update(aux, ~st.bad)
+            st.bound_sums[self.step] = torch.where(st.bad, 0.0, bound.double().sum())
+            self.step += 1
+            if self.step % self.config.sync_every == 0 and self.step < self.steps_per_epoch:
+                self._raise_if_bad(st)  # the read-back
+                if self.world > 1 and self._any_rank(stop_requested()):
+                    return True
+        return False
+
     def _any_rank(self, local: bool) -> bool:
         t = torch.tensor([float(local)], device=self.device)
         dist.all_reduce(t, dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def _raise_if_bad(self, first_bad: Tensor, bad_loss: Tensor):
-        step = int(first_bad)
+    def _raise_if_bad(self, st: "_EpochState"):
+        step = int(st.first_bad)
         if step < 0:
             return
         path = os.path.join(self.config.out, "checkpoint.pt") if self.config.out else None
         raise NonFiniteLossError(
-            f"non-finite loss or gradient (loss {float(bad_loss)}) at epoch {self.epoch + 1}, step "
+            f"non-finite loss or gradient (loss {float(st.bad_loss)}) at epoch {self.epoch + 1}, step "
             f"{step + 1} of {self.steps_per_epoch}; no update was applied from that step on. "
             + (f"The last good checkpoint is {path}" if path and os.path.exists(path)
                else "No checkpoint was written yet.")
             + " Try a lower --lr or another --seed.")
 
-    def _checkpoint(self, bound_sum: float):
+    def _checkpoint(self, bound_sums: Tensor):
         if not self.out:
             return
         save_checkpoint({
@@ -419,7 +438,7 @@ class _Run:
             "model_config": self.model.config,
             "model_state": self.model.state_dict(),
             "optimizer_state": self.opt.state_dict(),
-            "train_state": {"epoch": self.epoch, "step": self.step, "bound_sum": bound_sum,
+            "train_state": {"epoch": self.epoch, "step": self.step, "bound_sums": bound_sums,
                             "train_seconds": self.train_seconds, "world_size": self.world,
                             "kind": self.kind.state_dict()},
             "history": self.history,
