@@ -1,24 +1,34 @@
-"""Trainer step time: iwae_ext against pure-PyTorch twins of the same training step.
+"""Trainer step time: the trainer's eager and compiled steps, pure-PyTorch twins, and 2 ranks.
 
-    python benchmarks/bench_train.py [--device cpu|cuda] [--k 5] [--estimator standard] [--rounds 7]
+    python benchmarks/bench_train.py [--device cpu|cuda] [--k 5] [--batch-size 100] [--rounds 7]
+                                     [--ranks 2] [--out FILE]
 
-Three variants of one Adam step of IWAE (784-200-200-50, tanh, batch 100, bundled binarized
-MNIST), all in this process, on the same minibatches:
-  iwae_ext   the trainer's step: iwae_ext.objectives.objective with the fused logmeanexp;
-  twin       the same step with the pure-PyTorch twin of logmeanexp (TrainConfig(fused=False));
+In this process, on the same data, interleaved round by round (the order rotating):
+  eager      the trainer's own step (iwae_ext.train's loop, compile=False): keyed draws, the
+             fused ops, backward, the device-side non-finite check, fused Adam with found_inf;
+  compiled   the same step with compile=True (torch.compile of the forward and backward; on
+             CUDA a CUDA graph, mode="reduce-overhead");
+  twin       the eager step with the pure-PyTorch twin of logmeanexp (TrainConfig(fused=False));
+  subnormal  (CPU) the eager step with subnormal floats computed as such (flush_denormal=False;
+             the trainer treats them as zero while training);
   plain      an IWAE step as plain PyTorch code writes it (torch.distributions.Normal,
-             binary_cross_entropy_with_logits, torch.logsumexp), same architecture and init.
-Checks the three give the same loss and gradients first, then times rounds of ``--steps``
-steps of each, interleaved; reports the median step time, the time per epoch (500 steps)
-and the ratios (on CUDA each block ends with a synchronisation). JSON to
-benchmarks/results/train-<device>.json.
+             binary_cross_entropy_with_logits, torch.logsumexp, foreach Adam): what the trainer
+             was before, without its keyed draws and checks.
+The trainer's steps run through its own loop (``_Run._steps``), so the timing includes
+everything an epoch does per step. Reported: the median step time of each, the per-round ratios
+against ``eager``, and the compilation time (the first compiled block minus the steady state).
+``--ranks N`` then times the same trainer step data-parallel under torchrun (gloo on the CPU,
+NCCL on GPUs; the global batch split across N ranks of torch.get_num_threads() / N threads each)
+and reports it beside the 1-process figure. JSON to benchmarks/results/train-<device>.json.
 """
 import argparse
-import copy
+import json
 import math
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -28,9 +38,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_name, save, synchronize  # noqa: E402
 
 import iwae_ext  # noqa: E402
+from iwae_ext._eval_run import Dist  # noqa: E402
 from iwae_ext.data import load_dataset  # noqa: E402
-from iwae_ext.models import VAE  # noqa: E402
-from iwae_ext.objectives import objective  # noqa: E402
+from iwae_ext.train import TrainConfig  # noqa: E402
+from iwae_ext.train.loop import _EpochState, _Run, subnormals_as_zero  # noqa: E402
 
 
 def plain_iwae_loss(model, x, k):
@@ -47,6 +58,86 @@ def plain_iwae_loss(model, x, k):
     return -(torch.logsumexp(log_w, 0) - math.log(k)).mean()
 
 
+def trainer_block(args, dataset, device, compile, fused=True, group=None, flush_denormal=True):
+    """A function running ``n`` steps of the trainer's loop (a fresh run with these settings)."""
+    cfg = TrainConfig(k=args.k, batch_size=args.batch_size, estimator=args.estimator, fused=fused,
+                      progress=False, epochs=1, flush_denormal=flush_denormal).resolved(dataset)
+    cfg.compile = compile
+    cfg.sync_every = args.steps
+    run = _Run(cfg, dataset, device, group or Dist(device), None)
+    params = list(run.model.parameters())
+    found = torch.zeros((), dtype=torch.float32, device=device)
+    run.opt.found_inf, run.opt.grad_scale = found, None
+    perm = torch.randperm(run.n, generator=torch.Generator().manual_seed(0)).to(device)
+    st = _EpochState(perm, torch.zeros((), dtype=torch.int64, device=device),
+                     torch.zeros(run.steps_per_epoch, dtype=torch.float64, device=device), params, found)
+
+    def block(n):
+        left = [n]
+
+        def stop():
+            left[0] -= 1
+            return left[0] < 0
+
+        with subnormals_as_zero(device.type == "cpu" and flush_denormal):  # as the trainer's loop
+            if run.world > 1:  # ranks stop together at a read-back: every n (= sync_every) steps
+                if run.step >= run.steps_per_epoch:
+                    run.step = 0
+                run._steps(st, lambda: True)
+                left[0] = 0
+            while left[0] > 0:
+                if run.step >= run.steps_per_epoch:
+                    run.step = 0
+                run._steps(st, stop)
+            run._raise_if_bad(st)  # a read-back: every block ends with everything done
+
+    return block
+
+
+def plain_block(args, dataset, device):
+    from iwae_ext.train import build_model
+    cfg = TrainConfig(k=args.k, batch_size=args.batch_size, progress=False).resolved(dataset)
+    torch.manual_seed(0)
+    model = build_model(cfg, dataset).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
+    x_train = dataset.split("train").to(device)
+    perm = torch.randperm(x_train.shape[0]).to(device)
+    pos = [0]
+
+    def block(n):
+        for _ in range(n):
+            if (pos[0] + 1) * args.batch_size > x_train.shape[0]:
+                pos[0] = 0
+            idx = perm[pos[0] * args.batch_size:(pos[0] + 1) * args.batch_size]
+            loss = plain_iwae_loss(model, x_train[idx], args.k)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            pos[0] += 1
+        synchronize(device.type)
+
+    return block
+
+
+def worker(args):
+    """One rank of the --ranks measurement (under torchrun): times blocks of the trainer step."""
+    device = torch.device(Dist.device_of(args.device))
+    group = Dist(device)
+    dataset = load_dataset()
+    block = trainer_block(args, dataset, device, compile=False, group=group)
+    block(args.steps)  # warm-up
+    times = []
+    for _ in range(args.rounds):
+        group.barrier()
+        t0 = time.perf_counter()
+        block(args.steps)
+        times.append((time.perf_counter() - t0) / args.steps)
+    if group.rank == 0:
+        with open(args.worker, "w") as f:
+            json.dump({"step_s": times, "threads_per_rank": torch.get_num_threads()}, f)
+    group.close()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -55,81 +146,82 @@ def main():
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--steps", type=int, default=50, help="steps per timed block")
     p.add_argument("--rounds", type=int, default=7, help="timed blocks per variant")
+    p.add_argument("--ranks", type=int, default=0, help="also time N data-parallel ranks (torchrun)")
     p.add_argument("--out")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
-    device = args.device
-    torch.manual_seed(0)
-    data = load_dataset()
-    x_train = data.split("train").to(device)
-    base = VAE(x_mean=data.mean()).to(device)
-    steps_per_epoch = math.ceil(x_train.shape[0] / args.batch_size)
+    if args.worker:
+        return worker(args)
+    device = torch.device(args.device)
+    dataset = load_dataset()
+    steps_per_epoch = math.ceil(dataset.split("train").shape[0] / args.batch_size)
 
-    def loss_fn(name):
-        if name == "plain":
-            return lambda m, x: plain_iwae_loss(m, x, args.k)
-        fused = name == "iwae_ext"
-        return lambda m, x: -objective(m, x, args.k, "iwae", args.estimator, fused=fused).mean()
-
-    variants = ["iwae_ext", "twin"] + (["plain"] if args.estimator == "standard" else [])
-    # Agreement: same noise, same loss and gradients.
-    xb = x_train[: args.batch_size]
-    ref_grads = None
-    for name in variants:
-        m = copy.deepcopy(base)
-        torch.manual_seed(1)
-        loss = loss_fn(name)(m, xb)
-        grads = torch.autograd.grad(loss, list(m.parameters()))
-        if ref_grads is None:
-            ref_loss, ref_grads = loss, grads
-        else:
-            torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
-            for g, r in zip(grads, ref_grads):
-                torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
-
-    state = {}
-    for name in variants:
-        m = copy.deepcopy(base)
-        state[name] = (m, torch.optim.Adam(m.parameters(), lr=1e-3, eps=1e-4), loss_fn(name))
-    perm = torch.randperm(x_train.shape[0]).to(device)
-    times = {name: [] for name in variants}
-    cursor = 0
-    for r in range(args.rounds + 1):  # round 0 is warm-up
-        for name in variants:
-            m, opt, fn = state[name]
-            synchronize(device)
+    blocks = {"eager": trainer_block(args, dataset, device, False)}
+    t0 = time.perf_counter()
+    blocks["compiled"] = trainer_block(args, dataset, device, True)
+    blocks["compiled"](args.steps)  # compiles
+    first_block = time.perf_counter() - t0
+    blocks["twin"] = trainer_block(args, dataset, device, False, fused=False)
+    if device.type == "cpu":
+        blocks["subnormal"] = trainer_block(args, dataset, device, False, flush_denormal=False)
+    if args.estimator == "standard":
+        blocks["plain"] = plain_block(args, dataset, device)
+    names = list(blocks)
+    for name in names:
+        blocks[name](args.steps)  # warm-up
+    times = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            synchronize(device.type)
             t0 = time.perf_counter()
-            for s in range(args.steps):
-                idx = perm[((cursor + s) * args.batch_size) % x_train.shape[0]:][: args.batch_size]
-                loss = fn(m, x_train[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            synchronize(device)
-            if r:
-                times[name].append((time.perf_counter() - t0) / args.steps)
-        cursor += args.steps
+            blocks[name](args.steps)
+            times[name].append((time.perf_counter() - t0) / args.steps)
     result = {"k": args.k, "estimator": args.estimator, "batch_size": args.batch_size,
               "steps_per_epoch": steps_per_epoch, "rounds": args.rounds, "steps_per_round": args.steps}
-    for name in variants:
+    for name in names:
         med = statistics.median(times[name])
-        q = statistics.quantiles(times[name], n=4)
         result[f"{name}_step_s"] = med
-        result[f"{name}_step_iqr_s"] = [q[0], q[2]]
+        result[f"{name}_steps_s"] = times[name]
         result[f"{name}_epoch_s"] = med * steps_per_epoch
-    for name in variants[1:]:
-        result[f"speedup_vs_{name}"] = result[f"{name}_step_s"] / result["iwae_ext_step_s"]
-        # per-round ratios (the rounds interleave the variants, so each pairs like with like)
-        ratios = [a / b for a, b in zip(times[name], times["iwae_ext"])]
-        result[f"speedup_vs_{name}_per_round"] = ratios
-    for name in variants:
-        print(f"{name:9s} {result[f'{name}_step_s'] * 1e3:7.2f} ms/step  {result[f'{name}_epoch_s']:6.2f} s/epoch")
-    for name in variants[1:]:
-        r = result[f"speedup_vs_{name}_per_round"]
-        print(f"iwae_ext vs {name}: x{result[f'speedup_vs_{name}']:.3f} (per-round ratios "
-              f"{min(r):.3f}..{max(r):.3f}, median {statistics.median(r):.3f})")
-    payload = {"benchmark": "train_step", "device": device_name(device), "build": iwae_ext.build_info(),
+    for name in names[1:]:
+        ratios = [a / b for a, b in zip(times[name], times["eager"])]
+        result[f"eager_speedup_vs_{name}"] = statistics.median(ratios)  # > 1: eager faster
+        result[f"eager_speedup_vs_{name}_per_round"] = ratios
+    ratios = [a / b for a, b in zip(times["eager"], times["compiled"])]
+    result["compiled_speedup"] = statistics.median(ratios)
+    result["compiled_speedup_per_round"] = ratios
+    result["compile_seconds"] = first_block - args.steps * result["compiled_step_s"]
+    saving = result["eager_step_s"] - result["compiled_step_s"]
+    result["compile_break_even_steps"] = (result["compile_seconds"] / saving) if saving > 0 else None
+    for name in names:
+        print(f"{name:9s} {result[f'{name}_step_s'] * 1e3:7.3f} ms/step  {result[f'{name}_epoch_s']:7.2f} s/epoch")
+    r = result["compiled_speedup_per_round"]
+    print(f"compiled vs eager: x{result['compiled_speedup']:.3f} (median of per-round ratios, "
+          f"{min(r):.3f}..{max(r):.3f}); compilation {result['compile_seconds']:.1f} s, repaid after "
+          f"{result['compile_break_even_steps'] or float('inf'):.0f} steps")
+    for name in names[2:]:
+        print(f"eager vs {name}: x{result[f'eager_speedup_vs_{name}']:.3f}")
+    if args.ranks > 1:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "ranks.json")
+            threads = max(1, torch.get_num_threads() // args.ranks)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   str(args.ranks), os.path.abspath(__file__), "--device", args.device, "--k", str(args.k),
+                   "--batch-size", str(args.batch_size), "--estimator", args.estimator, "--steps",
+                   str(args.steps), "--rounds", str(args.rounds), "--worker", path]
+            subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+            with open(path) as f:
+                ranks = json.load(f)
+        med = statistics.median(ranks["step_s"])
+        result["ranks"] = {"world_size": args.ranks, "threads_per_rank": ranks["threads_per_rank"],
+                           "step_s": med, "steps_s": ranks["step_s"],
+                           "speedup_vs_eager_1_process": result["eager_step_s"] / med}
+        print(f"{args.ranks} ranks x {ranks['threads_per_rank']} thread(s): {med * 1e3:.3f} ms/step (eager, "
+              f"global batch {args.batch_size}); x{result['eager_step_s'] / med:.3f} the 1-process eager step "
+              f"(measured after it, not interleaved)")
+    payload = {"benchmark": "train_step", "device": device_name(device.type), "build": iwae_ext.build_info(),
                "results": [result]}
-    print("saved", save(payload, device, "train", args.out))
+    print("saved", save(payload, device.type, f"train-k{args.k}-b{args.batch_size}", args.out))
 
 
 if __name__ == "__main__":

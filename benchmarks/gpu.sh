@@ -12,8 +12,9 @@
 #
 # Time limits per part on one H100 (each part gets SIGTERM at its limit, which pytest takes as an
 # interrupt and still writes its report, and the next part runs; the whole finishes within 9 minutes): build 120 s, tests
-# 180 s (8 pytest-xdist workers where xdist is installed), logmeanexp 60 s, bayes_linear 60 s,
-# ais 75 s, train step 30 s, environment and summary a few seconds: 525 s at most.
+# 160 s (8 pytest-xdist workers where xdist is installed), logmeanexp 60 s, bayes_linear 60 s,
+# ais 75 s, train step (k=50, batch 20, compiled and eager) 100 s, environment and summary a few
+# seconds: 575 s at most.
 #
 # --dry-run: the same parts on the CPU at toy sizes (a CPU build, tests/test_build.py only, tiny
 # benchmark shapes), in well under 3 minutes; CI runs it so that this script cannot rot.
@@ -53,17 +54,17 @@ if [ "$DRY" = 1 ]; then
   LME_ARGS=(--shapes 20x50 100x50 --no-compile)
   BL_ARGS=(--rows 64 --rounds 3 --no-memory)
   AIS_ARGS=(--chains 32 --temps 3 --leapfrog 2 --rounds 3)
-  TRAIN_ARGS=(--rounds 2 --steps 3)
+  TRAIN_ARGS=(--rounds 2 --steps 3 --k 50 --batch-size 20)
 else
   DEVICE=cuda
-  T_BUILD=120 T_TESTS=180 T_LME=60 T_BL=60 T_AIS=75 T_TRAIN=30
+  T_BUILD=120 T_TESTS=160 T_LME=60 T_BL=60 T_AIS=75 T_TRAIN=100
   BUILD_CUDA=1                     # the CUDA kernels, or fail
   TESTS=(tests)
   if "$PY" -c "import xdist" 2>/dev/null; then TESTS+=(-n 8); fi
   LME_ARGS=(--no-compile)          # torch.compile of the twin costs a minute of compiles
   BL_ARGS=()
   AIS_ARGS=()
-  TRAIN_ARGS=()
+  TRAIN_ARGS=(--k 50 --batch-size 20 --steps 200)
 fi
 
 # part NAME LIMIT_SECONDS COMMAND...: runs COMMAND under a time limit, output to NAME.log,

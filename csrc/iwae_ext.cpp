@@ -3,6 +3,7 @@
 // extension was built). Kernels register themselves in csrc/cpu/*.cpp and csrc/cuda/*.cu.
 #include <Python.h>
 
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/headeronly/version.h>
@@ -10,6 +11,10 @@
 
 #include "checks.h"
 #include "logmeanexp.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
 
 #ifndef IWAE_EXT_CUDA_ARCH_LIST
 #define IWAE_EXT_CUDA_ARCH_LIST ""
@@ -122,11 +127,37 @@ TORCH_LIBRARY(iwae_ext, m) {
         "int dim, bool normal, ScalarType dtype) -> Tensor");
 }
 
+// _C.flush_denormal(on) -> bool | None: subnormal floats read and written as zero (x86 FTZ and
+// DAZ) on the calling thread and on every thread of the OpenMP pool that runs torch's
+// intra-op work; torch.set_flush_denormal sets the calling thread only, so kernels on the other
+// threads would still take the slow subnormal path. Returns the calling thread's previous
+// setting (None where the CPU has no such mode).
+static PyObject* flush_denormal(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  bool was = false;
+#if defined(__x86_64__) || defined(_M_X64)
+  was = (_mm_getcsr() & 0x8040) == 0x8040;
+#endif
+  if (!at::globalContext().setFlushDenormal(on)) Py_RETURN_NONE;
+#ifdef _OPENMP
+#pragma omp parallel
+  { at::globalContext().setFlushDenormal(on); }
+#endif
+  return PyBool_FromLong(was);
+}
+
+static PyMethodDef iwae_ext_methods[] = {
+    {"flush_denormal", flush_denormal, METH_O,
+     "flush_denormal(on) -> bool | None: subnormals as zero on this thread and the OpenMP pool; "
+     "returns the previous setting"},
+    {nullptr, nullptr, 0, nullptr}};
+
 // iwae_ext._C: importing it loads this library (and so registers the ops); its attributes
 // say how it was built, for iwae_ext.build_info() and the version check at import.
 static PyModuleDef iwae_ext_module = {PyModuleDef_HEAD_INIT, "_C",
                                       "iwae_ext's compiled operators (see torch.ops.iwae_ext)",
-                                      -1, nullptr};
+                                      -1, iwae_ext_methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&iwae_ext_module);

@@ -94,6 +94,8 @@ def train_parser() -> argparse.ArgumentParser:
       help="the training step under torch.compile (a CUDA graph on one GPU); default: compiled where "
            "measured faster, for runs of at least a few thousand steps")
     a("--dtype", choices=["float32", "float64"], default=S, help=f"(default {d.dtype})")
+    a("--flush-denormal", dest="flush_denormal", action=argparse.BooleanOptionalAction, default=S,
+      help="on a CPU, subnormal floats are zero while training (default; up to 4x faster steps)")
     a("--sync-every", type=int, dest="sync_every", default=S,
       help=f"steps between read-backs to the host (non-finite check; stop requests under torchrun) "
            f"(default {d.sync_every})")

@@ -28,7 +28,7 @@ def _block(fragment):
 
 def test_every_python_snippet_is_covered_here():
     covered = ("iwae_ext.build_info()", "iwae_ext.train(", "from iwae_ext.ops import logmeanexp",
-               "samplers.ais(", "class MyVAE", "part = evaluate.bounds(")
+               "samplers.ais(", "class MyVAE", "part = evaluate.bounds(", "class IWAEPlusELBO")
     for block in _python_blocks():
         assert any(c in block for c in covered), f"a README snippet no test runs:\n{block}"
 
@@ -63,7 +63,7 @@ def test_samplers_snippet_runs_as_written_and_finds_log_z(capsys):
 
 
 def test_quickstart_snippet_runs_with_its_sizes_shrunk(tmp_path, monkeypatch):
-    code = _block("iwae_ext.train(")
+    code = _block('iwae_ext.train(model="iwae", k=5')
     for old, new in (('epochs=30, out="runs/iwae-k5"',
                       'epochs=1, out="runs/iwae-k5", subset=200, eval_k=10, train_eval_size=50, progress=False'),
                      ('.split("test")', '.split("test")[:50]'),
@@ -91,3 +91,15 @@ def test_per_image_streams_snippet_runs_after_the_model_snippet(capsys):
     exec(_block("part = evaluate.bounds("), ns)
     printed = float(capsys.readouterr().out.strip().replace("tensor(", "").split(",")[0].rstrip(")"))
     assert printed < 1e-5  # the same images with other batch mates: float32 rounding only
+
+
+def test_new_model_kind_snippet_trains_without_touching_the_loop():
+    from iwae_ext.train import KINDS
+    ns = {}
+    try:
+        exec(_block("class IWAEPlusELBO"), ns)
+        assert KINDS["iwae_plus_elbo"] is ns["IWAEPlusELBO"]
+        assert ns["metrics"]["epochs"] == 1 and math.isfinite(ns["metrics"]["test_log_likelihood"])
+        assert ns["metrics"]["config"]["model"] == "iwae_plus_elbo"
+    finally:
+        KINDS.pop("iwae_plus_elbo", None)

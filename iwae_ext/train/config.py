@@ -13,9 +13,10 @@ from ..objectives import ESTIMATORS, KL_ESTIMATORS
 __all__ = ["TrainConfig", "burda_schedule", "RESUMABLE", "BURDA_STAGES", "DTYPES"]
 
 # TrainConfig fields that a resumed run may change (the rest define the run). ``compile`` and
-# ``device`` change only the rounding: a resume is bit for bit when they stay the same.
+# ``device`` (and ``flush_denormal``) change only the rounding: a resume is bit for bit when they
+# stay the same.
 RESUMABLE = ("epochs", "device", "progress", "eval_k", "eval_batch_size", "train_eval_size",
-             "data_dir", "download", "compile", "sync_every")
+             "data_dir", "download", "compile", "sync_every", "flush_denormal")
 BURDA_STAGES = 8  # stage i = 0..7: 3^i passes at lr 1e-3 * 10^(-i/7)
 DTYPES = ("float32", "float64")
 
@@ -63,6 +64,7 @@ class TrainConfig:
     compile: bool | None = None  # the training step under torch.compile; None: where it is faster
     dtype: str = "float32"  # "float32" or "float64" (parameters, data and arithmetic)
     sync_every: int = 100  # steps between the loop's read-backs to the host (non-finite check, stops)
+    flush_denormal: bool = True  # CPU: subnormal floats as zero while training (as TensorFlow does)
 
     def resolved(self, dataset: Dataset) -> "TrainConfig":
         """A copy with defaults filled in and every field checked (errors name the field)."""

@@ -13,6 +13,7 @@ that step on the epoch applies no update, and at the next read-back the run rais
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -21,6 +22,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -249,7 +251,25 @@ def _use_compile(config: TrainConfig, n_train: int, device: torch.device) -> boo
 
 # compile=None compiles a run of at least this many steps (benchmarks/bench_train.py measures the
 # saving per step and the compilation time on each device type).
-COMPILE_MIN_STEPS = {"cpu": 20_000, "cuda": 5_000}
+COMPILE_MIN_STEPS = {"cpu": 10_000, "cuda": 5_000}
+
+
+@contextlib.contextmanager
+def subnormals_as_zero(on: bool = True):
+    """While active (``on``), the CPU treats subnormal floats (below 1.2e-38 in float32) as zero
+    on every thread of torch's intra-op pool. Training otherwise meets them in the decoder's
+    backward (sigmoid of very negative logits), where each costs ~100 cycles: 4x the step time
+    at k = 50, batch 20 (benchmarks/bench_train.py). The previous setting comes back after."""
+    if not on:
+        yield
+        return
+    from .. import _C
+    was = _C.flush_denormal(True)
+    try:
+        yield
+    finally:
+        if was is not None:
+            _C.flush_denormal(was)
 
 
 class _Run:
@@ -284,8 +304,12 @@ class _Run:
         module = _Step(self.model, self.kind, self.x_train, dataset.binarization == "dynamic", self.seed)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
-            module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                             broadcast_buffers=False)
+            # every rank holds the same training split: not broadcast at the start
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ["data"])
+            with warnings.catch_warnings():  # broadcast_buffers=False is what we mean (torch 2.13's advice)
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
+                                                 else None, broadcast_buffers=False)
         if self.compiled:
             cuda_graphs = device.type == "cuda" and self.world == 1
             module = torch.compile(module, mode="reduce-overhead" if cuda_graphs else None)
@@ -309,7 +333,8 @@ class _Run:
         found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
         self.opt.found_inf, self.opt.grad_scale = found_inf, None  # what fused Adam reads (as GradScaler sets)
         try:
-            with _StopFlag(announce=self.rank == 0) as flag:
+            flush = subnormals_as_zero(self.device.type == "cpu" and c.flush_denormal)
+            with _StopFlag(announce=self.rank == 0) as flag, flush:
                 def stop_requested():
                     return flag.requested or (should_stop is not None and should_stop())
 
