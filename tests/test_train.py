@@ -128,7 +128,7 @@ def test_non_finite_loss_is_caught_at_the_next_read_back(tmp_path, monkeypatch):
         return (loss + float("inf") if calls["n"] == 2 else loss), bound, aux
 
     monkeypatch.setattr(BoundKind, "loss", poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"loss inf\) at epoch 1, step 2 of 6.*No checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient at epoch 1, step 2 of 6.*No checkpoint"):
         iwae_ext.train(out=str(tmp_path / "run"), epochs=1, sync_every=3, **{k: v for k, v in TINY.items()})
     assert calls["n"] == 3  # stopped at the read-back after step 3
     assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
@@ -271,3 +271,33 @@ def test_iwae_eval_refuses_bad_arguments_in_one_line(tmp_path, capsys):
         assert _eval_status([out, "--no-progress", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (argv, err)
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_caught(tmp_path, monkeypatch):
+    """The device check reads the gradients too (one fused pass): a NaN gradient behind a finite
+    loss skips the update like a NaN loss."""
+    from iwae_ext.train.objectives import BoundKind
+    real = BoundKind.loss
+    calls = {"n": 0}
+
+    class NaNGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, p):
+            return p.sum() * 0
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.full((20, 784), float("nan"))
+
+    def poisoned(self, model, x, scale, noise):
+        calls["n"] += 1
+        loss, bound, aux = real(self, model, x, scale, noise)
+        if calls["n"] == 5:
+            first = model.encoders[0].body[0].weight
+            loss = loss + NaNGradient.apply(first)
+            assert torch.isfinite(loss)
+        return loss, bound, aux
+
+    monkeypatch.setattr(BoundKind, "loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 5 of 6"):
+        iwae_ext.train(epochs=1, **TINY)

@@ -85,20 +85,24 @@ class _Step(nn.Module):
             u = keyed_uniform(index, 1, x.shape[-1], self.seed, STREAMS["binarize"], step, dtype=x.dtype)[0]
             x = (u < x).to(x.dtype)
         with keyed_draws(KeyedNoise(self.seed, index), step=step):
-            return self.kind.loss(self.model, x, scale, noise)
+            loss, bound, aux = self.kind.loss(self.model, x, scale, noise)
+        # the step's bound sum and a non-finite loss, formed here (fused when compiled)
+        return loss, bound.double().sum(), torch.isfinite(loss).logical_not().to(torch.float32), aux
 
 
 class _EpochState:
     """The device tensors of an epoch in progress: its permutation, its key (the epoch as a
-    tensor), the bound summed per step, and the non-finite latch (``bad``: skip every update from
-    ``first_bad`` on; ``found_inf`` is bad as fused Adam reads it)."""
+    tensor), the bound summed per step, and the non-finite latch ``found_inf`` (1.0 from the
+    first non-finite loss or gradient on: fused Adam skips every update while it is set) with
+    ``good``, the number of steps applied since ``start``."""
 
-    def __init__(self, perm: Tensor, step_t: Tensor, bound_sums: Tensor, params: list, found_inf: Tensor):
+    def __init__(self, perm: Tensor, step_t: Tensor, bound_sums: Tensor, params: list, found_inf: Tensor,
+                 start: int = 0):
         dev = perm.device
         self.perm, self.step_t, self.bound_sums, self.params, self.found_inf = perm, step_t, bound_sums, params, found_inf
-        self.bad = torch.zeros((), dtype=torch.bool, device=dev)
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
-        self.bad_loss = torch.zeros((), dtype=torch.float64, device=dev)
+        self.start = start
+        self.good = torch.zeros((), dtype=torch.int64, device=dev)
+        self.one = torch.ones((), dtype=torch.float32, device=dev)
         found_inf.zero_()
 
 
@@ -378,7 +382,7 @@ class _Run:
         if self.rank == 0 and self.step:
             bound_sums[:self.step] = self.resumed_sums.to(dev)
         self.resumed_sums = None
-        st = _EpochState(perm, step_t, bound_sums, params, found_inf)
+        st = _EpochState(perm, step_t, bound_sums, params, found_inf, self.step)
         t0 = time.perf_counter()
         stop = self._steps(st, stop_requested)
         self._raise_if_bad(st)
@@ -411,25 +415,21 @@ class _Run:
                 return True
             rows = st.perm[self.step * B:(self.step + 1) * B]
             index = rows.tensor_split(self.world)[self.rank] if self.world > 1 else rows
-            loss, bound, aux = self.forward(index, st.step_t, self.world / rows.shape[0],
-                                            StepNoise(self.seed, index, st.step_t, self.epoch))
+            loss, bound_sum, loss_bad, aux = self.forward(index, st.step_t, self.world / rows.shape[0],
+                                                          StepNoise(self.seed, index, st.step_t, self.epoch))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            # on the device: a non-finite loss or gradient skips this update and every later one
-            norms = torch._foreach_norm([p.grad for p in st.params if p.grad is not None])
-            step_bad = ~(torch.isfinite(loss) & torch.isfinite(torch.stack(norms).sum()))
+            # on the device: a non-finite gradient (one fused pass, x 1.0) or loss sets the latch,
+            # and fused Adam skips this update and every later one of the epoch
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                [p.grad for p in st.params if p.grad is not None], st.found_inf, st.one)
+            torch.maximum(st.found_inf, loss_bad, out=st.found_inf)
             if self.world > 1:  # the loss is this rank's: agree, so every rank skips alike
-                flag = step_bad.to(torch.float32)
-                dist.all_reduce(flag, dist.ReduceOp.MAX)
-                step_bad = flag > 0
-            new = step_bad & ~st.bad
-            st.first_bad = torch.where(new, self.step, st.first_bad)
-            st.bad_loss = torch.where(new, loss.detach().double(), st.bad_loss)
-            st.bad |= step_bad
-            st.found_inf.copy_(st.bad)
+                dist.all_reduce(st.found_inf, dist.ReduceOp.MAX)
+            st.good += st.found_inf == 0
             self.opt.step()
-            self.kind.update(aux, ~st.bad)
-            st.bound_sums[self.step] = torch.where(st.bad, 0.0, bound.double().sum())
+            self.kind.update(aux, st.found_inf)
+            st.bound_sums[self.step] = bound_sum  # (unused once a step was bad: the run stops)
             self.step += 1
             if self.step % self.config.sync_every == 0 and self.step < self.steps_per_epoch:
                 self._raise_if_bad(st)  # the read-back
@@ -443,12 +443,12 @@ class _Run:
         return bool(t.item() > 0)
 
     def _raise_if_bad(self, st: "_EpochState"):
-        step = int(st.first_bad)
-        if step < 0:
+        if not float(st.found_inf):
             return
+        step = st.start + int(st.good)  # the first step not applied
         path = os.path.join(self.config.out, "checkpoint.pt") if self.config.out else None
         raise NonFiniteLossError(
-            f"non-finite loss or gradient (loss {float(st.bad_loss)}) at epoch {self.epoch + 1}, step "
+            f"non-finite loss or gradient at epoch {self.epoch + 1}, step "
             f"{step + 1} of {self.steps_per_epoch}; no update was applied from that step on. "
             + (f"The last good checkpoint is {path}" if path and os.path.exists(path)
                else "No checkpoint was written yet.")

@@ -2,8 +2,8 @@
 
 The loop (:mod:`iwae_ext.train.loop`) knows no model kind. For each minibatch it calls
 ``kind.loss(model, x, scale, noise)`` inside the step's keyed random streams and back-propagates
-the loss; after the optimizer step it calls ``kind.update(aux, ok)`` with ``ok`` a device bool
-(False when the step was skipped for a non-finite value), and at the end of an epoch
+the loss; after the optimizer step it calls ``kind.update(aux, skipped)`` with ``skipped`` a device
+float (1.0 when the step's update was skipped for a non-finite value), and at the end of an epoch
 ``kind.epoch_record(steps)``. A kind's own state (AIWAE's per-temperature step sizes) lives on the
 device, is updated without reading anything back to the host, and is saved in checkpoints through
 ``state_dict`` / ``load_state_dict``.
@@ -75,8 +75,9 @@ class ModelKind:
         """(loss to back-propagate, bound per data point [b] detached, aux for :meth:`update`)."""
         raise NotImplementedError
 
-    def update(self, aux, ok: Tensor):
-        """After the optimizer step; ``ok`` (a 0-dim bool on the device) is False for a skipped step."""
+    def update(self, aux, skipped: Tensor):
+        """After the optimizer step; ``skipped`` (a 0-dim float on the device) is 1.0 when the
+        step's update was skipped (a non-finite value in it or an earlier step), else 0.0."""
 
     def describe(self) -> str:
         return self.name
@@ -225,8 +226,9 @@ class AIWAEKind(ModelKind):
         chains = c.k * round(self.world / scale)  # chains per temperature in the global batch
         return (a.decoder_loss + a.encoder_loss) * (b * scale), a.bound.detach(), (accepted, chains)
 
-    def update(self, aux, ok: Tensor):
+    def update(self, aux, skipped: Tensor):
         accepted, chains = aux
+        ok = skipped == 0
         if self.world > 1:
             torch.distributed.all_reduce(accepted)
         acceptance = accepted / chains
