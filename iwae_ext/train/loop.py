@@ -276,6 +276,29 @@ def subnormals_as_zero(on: bool = True):
             _C.flush_denormal(was)
 
 
+def _quiet_first_call(fn):
+    """``fn`` whose first call (when Dynamo traces the optimizer) does not log Dynamo's notice
+    that the optimizer's profiler annotation is ignored."""
+    import logging
+    state = {"first": True}
+
+    def quiet(record):
+        return "Profiler record function" not in str(record.msg)
+
+    def call(*args, **kwargs):
+        if not state["first"]:
+            return fn(*args, **kwargs)
+        state["first"] = False
+        logger = logging.getLogger("torch._dynamo.variables.ctx_manager")
+        logger.addFilter(quiet)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            logger.removeFilter(quiet)
+
+    return call
+
+
 class _Run:
     def __init__(self, config: TrainConfig, dataset: Dataset, device: torch.device, group: Dist, ckpt):
         self.config, self.dataset, self.device, self.group = config, dataset, device, group
@@ -314,10 +337,18 @@ class _Run:
                 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
                 module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
                                                  else None, broadcast_buffers=False)
+        self.forward, self.opt_step, self.lr = module, self.opt.step, None
         if self.compiled:
-            cuda_graphs = device.type == "cuda" and self.world == 1
-            module = torch.compile(module, mode="reduce-overhead" if cuda_graphs else None)
-        self.forward = module
+            if device.type == "cuda":  # one GPU: a CUDA graph of the forward and the backward
+                module = torch.compile(module, mode="reduce-overhead" if self.world == 1 else None)
+            else:  # the graph's kernels called from generated C++ rather than Python
+                module = torch.compile(module, options={"cpp_wrapper": True})
+            self.forward = module
+            # the optimizer's bookkeeping (step counts, found_inf) fused around fused Adam's
+            # kernel: bit for bit the eager update; the learning rate a tensor, so a schedule's
+            # change is no recompilation
+            self.lr = torch.tensor(config.lr, dtype=torch.float64, device=device)
+            self.opt_step = _quiet_first_call(torch.compile(self.opt.step))
         self.steps_per_epoch = math.ceil(self.n / config.batch_size)
         self.out = config.out if self.rank == 0 else None
         if self.out:
@@ -371,8 +402,10 @@ class _Run:
         """One epoch from ``self.step``; True when a stop was requested (after a checkpoint)."""
         c, dev = self.config, self.device
         lr = burda_schedule(self.epoch) if c.schedule == "burda" else c.lr
+        if self.lr is not None:
+            self.lr.fill_(lr)
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr if self.lr is None else self.lr
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(key(c.seed, "perm", self.epoch)))
         perm = perm.to(dev)
         step_t = torch.tensor(self.epoch, dtype=torch.int64).to(dev)  # keys the epoch's streams
@@ -421,13 +454,7 @@ class _Run:
             loss.backward()
             # on the device: a non-finite gradient (one fused pass, x 1.0) or loss sets the latch,
             # and fused Adam skips this update and every later one of the epoch
-            torch._amp_foreach_non_finite_check_and_unscale_(
-                [p.grad for p in st.params if p.grad is not None], st.found_inf, st.one)
-            torch.maximum(st.found_inf, loss_bad, out=st.found_inf)
-            if self.world > 1:  # the loss is this rank's: agree, so every rank skips alike
-                dist.all_reduce(st.found_inf, dist.ReduceOp.MAX)
-            st.good += st.found_inf == 0
-            self.opt.step()
+            self._update(st.found_inf, st.one, st.good, loss_bad)
             self.kind.update(aux, st.found_inf)
             st.bound_sums[self.step] = bound_sum  # (unused once a step was bad: the run stops)
             self.step += 1
@@ -436,6 +463,18 @@ class _Run:
                 if self.world > 1 and self._any_rank(stop_requested()):
                     return True
         return False
+
+    def _update(self, found_inf: Tensor, one: Tensor, good: Tensor, loss_bad: Tensor):
+        """After the backward: a non-finite gradient (one fused pass, x 1.0) or loss sets the
+        latch ``found_inf``, and fused Adam skips this update and every later one of the epoch;
+        ``good`` counts the updates applied."""
+        torch._amp_foreach_non_finite_check_and_unscale_(
+            [p.grad for g in self.opt.param_groups for p in g["params"] if p.grad is not None], found_inf, one)
+        torch.maximum(found_inf, loss_bad, out=found_inf)
+        if self.world > 1:  # the loss is this rank's: agree, so every rank skips alike
+            dist.all_reduce(found_inf, dist.ReduceOp.MAX)
+        good += found_inf == 0
+        self.opt_step()
 
     def _any_rank(self, local: bool) -> bool:
         t = torch.tensor([float(local)], device=self.device)
