@@ -48,7 +48,7 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu
   export CUDA_VISIBLE_DEVICES=""   # the CPU even where a GPU is visible
-  T_BUILD=300 T_TESTS=120 T_LME=150 T_BL=60 T_AIS=60 T_TRAIN=60  # caps, not budgets: a loaded CPU
+  T_BUILD=300 T_TESTS=120 T_LME=150 T_BL=60 T_AIS=60 T_TRAIN=150  # caps, not budgets: a loaded CPU
   BUILD_CUDA=auto                  # whatever this torch can build
   TESTS=(tests/test_build.py)
   LME_ARGS=(--shapes 20x50 100x50 --no-compile)
