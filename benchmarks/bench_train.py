@@ -65,12 +65,11 @@ def trainer_block(args, dataset, device, compile, fused=True, group=None, flush_
     cfg.compile = compile
     cfg.sync_every = args.steps
     run = _Run(cfg, dataset, device, group or Dist(device), None)
-    params = list(run.model.parameters())
     found = torch.zeros((), dtype=torch.float32, device=device)
     run.opt.found_inf, run.opt.grad_scale = found, None
     perm = torch.randperm(run.n, generator=torch.Generator().manual_seed(0)).to(device)
     st = _EpochState(perm, torch.zeros((), dtype=torch.int64, device=device),
-                     torch.zeros(run.steps_per_epoch, dtype=torch.float64, device=device), params, found)
+                     torch.zeros(run.steps_per_epoch, dtype=torch.float64, device=device), found)
 
     def block(n):
         left = [n]

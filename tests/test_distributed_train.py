@@ -37,6 +37,8 @@ def _state(out):
     ("iwae", ["--estimator", "dreg"]),
     ("iwaer", []),  # random encoder and decoder weights: keyed per image and sample
     ("fashion_iwae", ["--dataset", "fashion_mnist", "--data-dir", SHARED]),  # dynamic binarisation
+    ("aiwae", ["--temps", "3", "--leapfrog", "2"]),  # keyed chains; step sizes from the global acceptance
+    ("ae", []),  # parameters without a gradient (the log-variance head)
 ])
 def test_two_gloo_ranks_follow_the_one_process_trajectory(tmp_path, model, extra):
     if model.startswith("fashion") and not os.path.isdir(SHARED):
@@ -55,16 +57,24 @@ def test_two_gloo_ranks_follow_the_one_process_trajectory(tmp_path, model, extra
     ma = json.load(open(os.path.join(one, "metrics.json")))
     mb = json.load(open(os.path.join(two, "metrics.json")))
     assert ma["world_size"] == 1 and mb["world_size"] == 2
-    for key in ("test_log_likelihood", "test_elbo", "train_log_likelihood", "reconstruction_error"):
+    keys = (("test_squared_error", "train_squared_error") if model == "ae" else
+            ("test_log_likelihood", "test_elbo", "train_log_likelihood", "reconstruction_error"))
+    for key in keys:
         assert mb[key] == pytest.approx(ma[key], rel=1e-9), key
-    assert mb["n_test"] == ma["n_test"] == 300 and mb["n_train_eval"] == 50
+    assert mb["n_test"] == ma["n_test"] == 300
+    if model != "ae":
+        assert mb["n_train_eval"] == 50
+    if model == "aiwae":
+        assert a["train_state"]["kind"]["hmc_step_sizes"].tolist() == pytest.approx(
+            b["train_state"]["kind"]["hmc_step_sizes"].tolist(), rel=1e-12)
     la = [json.loads(line) for line in open(os.path.join(one, "metrics.jsonl"))]
     lb = [json.loads(line) for line in open(os.path.join(two, "metrics.jsonl"))]
     assert [l["epoch"] for l in lb] == [1, 2]  # one writer: each epoch's line once
     for x, y in zip(la, lb):
         assert y["train_bound"] == pytest.approx(x["train_bound"], rel=1e-9)
     # only rank 0 speaks: the final line once
-    assert p2.stdout.count("test log-likelihood") == 1 and p1.stdout.count("test log-likelihood") == 1
+    final = "test reconstruction MSE" if model == "ae" else "test log-likelihood"
+    assert p2.stdout.count(final) == 1 and p1.stdout.count(final) == 1
     assert sorted(os.listdir(two)) == ["checkpoint.pt", "metrics.json", "metrics.jsonl"]
 
 

@@ -96,10 +96,9 @@ class _EpochState:
     first non-finite loss or gradient on: fused Adam skips every update while it is set) with
     ``good``, the number of steps applied since ``start``."""
 
-    def __init__(self, perm: Tensor, step_t: Tensor, bound_sums: Tensor, params: list, found_inf: Tensor,
-                 start: int = 0):
+    def __init__(self, perm: Tensor, step_t: Tensor, bound_sums: Tensor, found_inf: Tensor, start: int = 0):
         dev = perm.device
-        self.perm, self.step_t, self.bound_sums, self.params, self.found_inf = perm, step_t, bound_sums, params, found_inf
+        self.perm, self.step_t, self.bound_sums, self.found_inf = perm, step_t, bound_sums, found_inf
         self.start = start
         self.good = torch.zeros((), dtype=torch.int64, device=dev)
         self.one = torch.ones((), dtype=torch.float32, device=dev)
@@ -336,7 +335,8 @@ class _Run:
             with warnings.catch_warnings():  # broadcast_buffers=False is what we mean (torch 2.13's advice)
                 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
                 module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
-                                                 else None, broadcast_buffers=False)
+                                                 else None, broadcast_buffers=False,
+                                                 find_unused_parameters=self.kind.unused_parameters)
         self.forward, self.opt_step, self.lr = module, self.opt.step, None
         if self.compiled:
             if device.type == "cuda":  # one GPU: a CUDA graph of the forward and the backward
@@ -364,7 +364,6 @@ class _Run:
             bar = tqdm(total=c.epochs, initial=self.epoch, desc=f"{c.model} k={c.k}", unit="epoch")
         stopped = False
         self.model.train()
-        params = [p for p in self.model.parameters()]
         found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
         self.opt.found_inf, self.opt.grad_scale = found_inf, None  # what fused Adam reads (as GradScaler sets)
         try:
@@ -374,7 +373,7 @@ class _Run:
                     return flag.requested or (should_stop is not None and should_stop())
 
                 while self.epoch < c.epochs:
-                    stopped = self._epoch(params, found_inf, stop_requested)
+                    stopped = self._epoch(found_inf, stop_requested)
                     if stopped:
                         break
                     if bar is not None:
@@ -398,7 +397,7 @@ class _Run:
                 f.write("\n")
         return metrics
 
-    def _epoch(self, params, found_inf: Tensor, stop_requested) -> bool:
+    def _epoch(self, found_inf: Tensor, stop_requested) -> bool:
         """One epoch from ``self.step``; True when a stop was requested (after a checkpoint)."""
         c, dev = self.config, self.device
         lr = burda_schedule(self.epoch) if c.schedule == "burda" else c.lr
@@ -415,7 +414,7 @@ class _Run:
         if self.rank == 0 and self.step:
             bound_sums[:self.step] = self.resumed_sums.to(dev)
         self.resumed_sums = None
-        st = _EpochState(perm, step_t, bound_sums, params, found_inf, self.step)
+        st = _EpochState(perm, step_t, bound_sums, found_inf, self.step)
         t0 = time.perf_counter()
         stop = self._steps(st, stop_requested)
         self._raise_if_bad(st)

@@ -59,6 +59,7 @@ class ModelKind:
     random_weights = "none"
     eval_k = 5000
     compilable = True
+    unused_parameters = False  # parameters without a gradient (DistributedDataParallel must know)
 
     def __init__(self, config, model, device: torch.device, n_train: int, world: int = 1):
         self.config, self.device, self.n_train, self.world = config, device, n_train, world
@@ -171,6 +172,8 @@ class IWAERRecKind(IWAERKind):
 class AutoencoderKind(ModelKind):
     """A vanilla autoencoder on squared error (encoder mean -> decoder mean; paper 003, sec. 5);
     its "bound" is minus the error."""
+
+    unused_parameters = True  # the encoder's log-variance head
 
     @classmethod
     def check(cls, config):
