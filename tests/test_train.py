@@ -301,3 +301,17 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_caught(tmp_path, monkeypatc
     monkeypatch.setattr(BoundKind, "loss", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 5 of 6"):
         iwae_ext.train(epochs=1, **TINY)
+
+
+def test_a_format_1_checkpoint_loads_but_does_not_resume(tmp_path):
+    """A checkpoint of the trainer before keyed draws (format 1) still loads for evaluation; a
+    resume is refused with the reason (its random streams cannot be continued)."""
+    from iwae_ext.train.checkpoint import save_checkpoint
+    out = str(tmp_path / "run")
+    iwae_ext.train(out=out, epochs=1, **TINY)
+    ckpt = state(out)
+    ckpt["format"] = "iwae_ext.checkpoint/1"
+    save_checkpoint(ckpt, os.path.join(out, "checkpoint.pt"))
+    assert load_checkpoint(out).config["latent_dims"] == [4]
+    with pytest.raises(ValueError, match="older iwae_ext.*cannot be continued exactly"):
+        iwae_ext.train(out=out, resume=True, epochs=2, progress=False)
