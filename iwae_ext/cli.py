@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 __all__ = ["train_main", "eval_main", "train_parser"]
@@ -91,8 +92,8 @@ def train_parser() -> argparse.ArgumentParser:
     a("--reference-ops", dest="fused", action="store_false", default=S,
       help="reduce with the pure-PyTorch twin instead of the fused op (for comparisons)")
     a("--compile", action=argparse.BooleanOptionalAction, default=S,
-      help="the training step under torch.compile (a CUDA graph on one GPU); default: compiled where "
-           "measured faster, for runs of at least a few thousand steps")
+      help="the training step under torch.compile (a CUDA graph on one GPU); default: compiled for "
+           "runs of >= 10,000 steps on a CPU, >= 5,000 on a GPU, where compiling pays")
     a("--dtype", choices=["float32", "float64"], default=S, help=f"(default {d.dtype})")
     a("--flush-denormal", dest="flush_denormal", action=argparse.BooleanOptionalAction, default=S,
       help="on a CPU, subnormal floats are zero while training (default; up to 4x faster steps)")
@@ -108,10 +109,9 @@ def train_main(argv=None) -> int:
     from .data import DataError
     from .train import NonFiniteLossError, TrainConfig, train
 
-    import os
-
     args = vars(train_parser().parse_args(argv))
     lead = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
+    group = None
     if "out" not in args:
         if args.get("resume"):
             print("iwae-train: --resume needs --out (the run directory)", file=sys.stderr)
@@ -121,7 +121,7 @@ def train_main(argv=None) -> int:
                                                  args.get("dataset", d.dataset),
                                                  time.strftime("%Y%m%d-%H%M%S"))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank must name the same directory
-            args["out"] = _rank0_value(args["out"], args.get("device", "auto"))
+            args["out"], group = _rank0_value(args["out"], args.get("device", "auto"))
     if lead:
         print(f"iwae-train: run directory {args['out']}", flush=True)
     try:
@@ -135,7 +135,8 @@ def train_main(argv=None) -> int:
             print(f"iwae-train: error: {e}", file=sys.stderr)
         return 2
     finally:
-        _close_group()
+        if group is not None:
+            group.close()
     if metrics.get("stopped"):
         return 130
     if not lead:
@@ -154,25 +155,17 @@ def train_main(argv=None) -> int:
     return 0
 
 
-def _close_group():
-    """End a process group that :func:`_rank0_value` started (the trainer ends its own)."""
-    if "torch.distributed" in sys.modules:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _rank0_value(value, device: str):
-    """Rank 0's ``value`` on every rank of the torchrun job (the process group is started here
-    and used by the trainer)."""
+    """(rank 0's ``value`` on every rank of the torchrun job, the process group started for it:
+    the trainer uses it, the caller ends it)."""
     import torch.distributed as dist
 
     from ._eval_run import Dist
     from .train.loop import _device
-    Dist(_device(device))
+    group = Dist(_device(device))
     box = [value]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return box[0], group
 
 
 def eval_main(argv=None) -> int:

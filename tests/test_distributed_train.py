@@ -108,3 +108,13 @@ def test_sigterm_under_torchrun_then_resume_is_exact(tmp_path):
     fa = [json.loads(line)["train_bound"] for line in open(os.path.join(full, "metrics.jsonl"))]
     fb = [json.loads(line)["train_bound"] for line in open(os.path.join(part, "metrics.jsonl"))]
     assert fa == fb
+
+
+def test_without_out_every_rank_uses_rank_0s_run_directory(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "iwae_ext.train", *ARGS, "--epochs", "1"],
+                          capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = os.listdir(tmp_path / "runs")
+    assert len(runs) == 1 and proc.stdout.count("run directory") == 1
+    assert json.load(open(tmp_path / "runs" / runs[0] / "metrics.json"))["world_size"] == 2
