@@ -66,12 +66,16 @@ C10_HOST_DEVICE inline acc_t lme_finalize(acc_t m, acc_t s, acc_t log_k) {
   return m + IWAE_LOG(s) - log_k;
 }
 
-// d out / d x_k = softmax(x)_k = exp(x_k - (out + log K)). A row whose output is -inf
-// has zero gradient: every x_k is -inf, and exp(-inf + inf) would be NaN.
+// d out / d x_k = softmax(x)_k = exp((x_k - out) - log K). The difference x_k - out comes
+// first: it is exact where the gradient matters (x_k near out), so the error is out's own
+// rounding, as in PyTorch's logsumexp backward; forming out + log K first would round a second
+// time (in float32, up to 4x PyTorch's error for values near -300). A row whose output is
+// -inf has zero gradient: every x_k is -inf, and exp(-inf + inf) would be NaN.
 // `exp` is the device's exponential (the CPU passes its vectorisable one).
 template <typename acc_t, typename Exp>
-C10_HOST_DEVICE inline acc_t lme_grad(acc_t grad_out, acc_t x, acc_t lse, Exp exp) {
-  return lse == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : grad_out * exp(x - lse);
+C10_HOST_DEVICE inline acc_t lme_grad(acc_t grad_out, acc_t x, acc_t out, acc_t log_k, Exp exp) {
+  return out == -std::numeric_limits<acc_t>::infinity() ? acc_t(0)
+                                                         : grad_out * exp((x - out) - log_k);
 }
 
 // How a kernel sees logw: [outer, K, inner] in memory, reduced over K. inner == 1 is the

@@ -183,14 +183,14 @@ IWAE_INLINE void rows_forward(const T* x, T* out, int64_t K, int64_t r0, int64_t
 template <typename T>
 IWAE_INLINE void rows_backward(const T* grad_out, const T* x, const T* out, T* grad_x,
                                int64_t K, int64_t r0, int64_t r1) {
-  const double log_k = std::log(static_cast<double>(K));
+  const T log_k = static_cast<T>(std::log(static_cast<double>(K)));
   for (int64_t r = r0; r < r1; ++r) {
     const T g = grad_out[r];
-    const T lse = static_cast<T>(out[r] + log_k);
+    const T o = out[r];
     const T* row = x + r * K;
     T* grow = grad_x + r * K;
 #pragma omp simd
-    for (int64_t k = 0; k < K; ++k) grow[k] = lme_grad(g, row[k], lse, FastExp{});
+    for (int64_t k = 0; k < K; ++k) grow[k] = lme_grad(g, row[k], o, log_k, FastExp{});
   }
 }
 
@@ -234,17 +234,16 @@ IWAE_INLINE void cols_forward(const T* x, T* out, int64_t K, int64_t inner, int6
 template <typename T>
 IWAE_INLINE void cols_backward(const T* grad_out, const T* x, const T* out, T* grad_x,
                                int64_t K, int64_t inner, int64_t c0, int64_t c1) {
-  const double log_k = std::log(static_cast<double>(K));
+  const T log_k = static_cast<T>(std::log(static_cast<double>(K)));
   for (int64_t c = c0; c < c1; c += kTileCols) {
     const int64_t w = std::min(kTileCols, c1 - c);
-    T lse[kTileCols];
-    for (int64_t j = 0; j < w; ++j) lse[j] = static_cast<T>(out[c + j] + log_k);
+    const T* o = out + c;
     const T* g = grad_out + c;
     for (int64_t k = 0; k < K; ++k) {
       const T* row = x + k * inner + c;
       T* grow = grad_x + k * inner + c;
 #pragma omp simd
-      for (int64_t j = 0; j < w; ++j) grow[j] = lme_grad(g[j], row[j], lse[j], FastExp{});
+      for (int64_t j = 0; j < w; ++j) grow[j] = lme_grad(g[j], row[j], o[j], log_k, FastExp{});
     }
   }
 }

@@ -213,9 +213,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t j = inner == 1 ? i / K : (i / (K * inner)) * inner + i % inner;
-    const acc_t lse = static_cast<acc_t>(out[j]) + log_k;
-    grad_x[i] = static_cast<scalar_t>(lme_grad(static_cast<acc_t>(grad_out[j]),
-                                               static_cast<acc_t>(x[i]), lse, DeviceExp{}));
+    grad_x[i] = static_cast<scalar_t>(lme_grad(static_cast<acc_t>(grad_out[j]), static_cast<acc_t>(x[i]),
+                                               static_cast<acc_t>(out[j]), log_k, DeviceExp{}));
   }
 }
 
