@@ -321,3 +321,21 @@ def test_float32_gradient_error_is_at_most_pytorchs(device, shape, dim, loc):
         ours.append((grad(lambda x: logmeanexp(x, dim), x64.float()) - ref).abs().max().item())
         theirs.append((grad(lambda x: torch.logsumexp(x, dim) - math.log(k), x64.float()) - ref).abs().max().item())
     assert sum(ours) <= 1.1 * sum(theirs), (sum(ours) / sum(theirs), ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_column_forward_does_not_depend_on_the_thread_count(dtype):
+    """Along a non-last dim the CPU splits K into fixed chunks of rows merged in order: the same
+    bits with 1 thread or several (a long K with few columns, as L_5000's log-weights)."""
+    x = torch.randn(3000, 70, 3, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = logmeanexp(x, 0)
+        torch.set_num_threads(max(2, threads))
+        many = logmeanexp(x, 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+    torch.testing.assert_close(many, reference.logmeanexp(x.double(), 0).to(dtype),
+                               rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)

@@ -6,6 +6,11 @@
 // once. The exponential is a branch-free polynomial (fast_exp) that the compiler
 // vectorises; std::exp would not be. Each loop is compiled for AVX-512, AVX2 and the
 // baseline ISA, chosen at load time (GCC's target_clones), so one build runs everywhere.
+// Along a non-last dim (columns) the tasks are (slab, chunk of kChunkRows rows, tile of
+// kTileCols columns); each computes its columns' pairs over its rows in blocks of kTileRows
+// rows (a max pass and an exp pass over the block), and the chunks' pairs are merged in chunk
+// order afterwards: a long K with few columns keeps every thread busy, and the result does not
+// depend on the number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -14,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "../logmeanexp.h"
 #include "simd.h"
@@ -125,7 +131,10 @@ struct FastExp {
 
 constexpr int64_t kBlock = 1024;      // values per block of a row
 constexpr int64_t kTileCols = 64;     // columns per tile (inner > 1)
-constexpr int64_t kTileRows = 32;     // rows per block of a column tile
+constexpr int64_t kTileRows = 256;    // rows per block of a column tile (a 64 KB block: its
+                                      // second pass from L2; few double combines per column)
+constexpr int64_t kChunkRows = 1024;  // rows of K per task of the column forward (fixed: results
+                                      // do not depend on the number of threads)
 constexpr int64_t kGrainValues = 16384;  // values per parallel task, at least
 
 // (max, sum exp(x - shift(max))) of n <= kBlock values, in lane arrays of one 64-byte
@@ -194,15 +203,16 @@ IWAE_INLINE void rows_backward(const T* grad_out, const T* x, const T* out, T* g
   }
 }
 
-// Columns [c0, c1) of one [K, inner] slab, in tiles of kTileCols columns and blocks of
-// kTileRows rows, so that both passes over a block stay in L1.
+// The partial pairs (m, s) of columns [c0, c1) over the K rows at x (rows inner apart), in
+// tiles of kTileCols columns and blocks of kTileRows rows: a vectorised max over the block,
+// then a vectorised sum of exponentials, each block merged into m, s ([c1 - c0] each) in double.
 template <typename T>
-IWAE_INLINE void cols_forward(const T* x, T* out, int64_t K, int64_t inner, int64_t c0,
-                              int64_t c1) {
-  const double log_k = std::log(static_cast<double>(K));
+IWAE_INLINE void cols_partial(const T* x, int64_t K, int64_t inner, int64_t c0, int64_t c1,
+                              double* m_out, double* s_out) {
   for (int64_t c = c0; c < c1; c += kTileCols) {
     const int64_t w = std::min(kTileCols, c1 - c);
-    double m[kTileCols], s[kTileCols];
+    double* m = m_out + (c - c0);
+    double* s = s_out + (c - c0);
     T bm[kTileCols], bs[kTileCols], ref[kTileCols];
     for (int64_t j = 0; j < w; ++j) {
       m[j] = -std::numeric_limits<double>::infinity();
@@ -227,7 +237,6 @@ IWAE_INLINE void cols_forward(const T* x, T* out, int64_t K, int64_t inner, int6
       }
       for (int64_t j = 0; j < w; ++j) lme_combine<double>(m[j], s[j], bm[j], bs[j]);
     }
-    for (int64_t j = 0; j < w; ++j) out[c + j] = static_cast<T>(lme_finalize(m[j], s[j], log_k));
   }
 }
 
@@ -258,9 +267,9 @@ IWAE_INLINE void cols_backward(const T* grad_out, const T* x, const T* out, T* g
                                           int64_t K, int64_t r0, int64_t r1) {           \
     rows_backward<T>(g, x, out, gx, K, r0, r1);                                          \
   }                                                                                      \
-  IWAE_SIMD_CLONES void lme_cols_forward(const T* x, T* out, int64_t K, int64_t inner,  \
-                                         int64_t c0, int64_t c1) {                       \
-    cols_forward<T>(x, out, K, inner, c0, c1);                                           \
+  IWAE_SIMD_CLONES void lme_cols_partial(const T* x, int64_t K, int64_t inner, int64_t c0, \
+                                         int64_t c1, double* m, double* s) {              \
+    cols_partial<T>(x, K, inner, c0, c1, m, s);                                          \
   }                                                                                      \
   IWAE_SIMD_CLONES void lme_cols_backward(const T* g, const T* x, const T* out, T* gx,  \
                                           int64_t K, int64_t inner, int64_t c0,          \
@@ -306,11 +315,39 @@ at::Tensor logmeanexp_cpu(const at::Tensor& logw, int64_t dim) {
   AT_DISPATCH_FLOATING_TYPES(logw.scalar_type(), "logmeanexp_cpu", [&] {
     const scalar_t* x = L.x.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    parallel_over(
-        L, [&](int64_t r0, int64_t r1) { lme_rows_forward(x, y, L.K, r0, r1); },
-        [&](int64_t o, int64_t c0, int64_t c1) {
-          lme_cols_forward(x + o * L.K * L.inner, y + o * L.inner, L.K, L.inner, c0, c1);
-        });
+    if (L.inner == 1) {
+      at::parallel_for(0, L.outer, grain(L.K), [&](int64_t r0, int64_t r1) {
+        lme_rows_forward(x, y, L.K, r0, r1);
+      });
+      return;
+    }
+    // Columns: tasks of (slab, chunk of kChunkRows rows, tile of kTileCols columns), so that
+    // a long K with few columns (L_5000's [5000, 100] log-weights along dim 0) still gives
+    // every thread work; the chunks' pairs are merged in chunk order, so the result does not
+    // depend on the number of threads.
+    const int64_t chunks = (L.K + kChunkRows - 1) / kChunkRows;
+    const int64_t tiles = (L.inner + kTileCols - 1) / kTileCols;
+    std::vector<double> m(L.outer * chunks * L.inner), s(m.size());
+    at::parallel_for(0, L.outer * chunks * tiles, grain(std::min(L.K, kChunkRows) * kTileCols),
+                     [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t o = i / (chunks * tiles), ch = (i / tiles) % chunks, t = i % tiles;
+        const int64_t k0 = ch * kChunkRows, c0 = t * kTileCols;
+        const int64_t pos = (o * chunks + ch) * L.inner + c0;
+        lme_cols_partial(x + (o * L.K + k0) * L.inner, std::min(kChunkRows, L.K - k0), L.inner, c0,
+                         std::min(L.inner, c0 + kTileCols), m.data() + pos, s.data() + pos);
+      }
+    });
+    const double log_k = std::log(static_cast<double>(L.K));
+    at::parallel_for(0, L.outer * L.inner, grain(chunks), [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t o = j / L.inner, c = j % L.inner;
+        double mj = m[o * chunks * L.inner + c], sj = s[o * chunks * L.inner + c];
+        for (int64_t ch = 1; ch < chunks; ++ch)
+          lme_combine<double>(mj, sj, m[(o * chunks + ch) * L.inner + c], s[(o * chunks + ch) * L.inner + c]);
+        y[j] = static_cast<scalar_t>(lme_finalize(mj, sj, log_k));
+      }
+    });
   });
   return out;
 }
