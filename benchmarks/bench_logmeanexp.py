@@ -2,9 +2,11 @@
 forward+backward, at the shapes of IWAE training and evaluation.
 
     python benchmarks/bench_logmeanexp.py [--device cpu|cuda] [--dtype float32] [--shapes 100x50 ...]
+                                          [--dim -1|0]
 
 Each case first checks that the three agree, then times each (median of >= 20 timed
-blocks after warm-up). Prints a torch.utils.benchmark Compare table and writes
+blocks after warm-up). ``--dim 0`` lays each case out as [K, rows] and reduces along dim 0, as
+the bounds reduce their [k, B] log-weights (JSON to logmeanexp-dim0-<device>.json). Prints a torch.utils.benchmark Compare table and writes
 benchmarks/results/logmeanexp-<device>.json. On CUDA it also measures the device's copy
 bandwidth and reports the forward's fraction of it, and counts the kernels each
 direction launches (at the largest shape).
@@ -58,6 +60,8 @@ def main():
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the twin")
     p.add_argument("--shapes", nargs="+", type=_shape, default=SHAPES, metavar="RxK",
                    help="shapes [rows, K] reduced over K (default: " + " ".join(f"{r}x{k}" for r, k in SHAPES) + ")")
+    p.add_argument("--dim", type=int, default=-1, choices=[-1, 0],
+                   help="-1: [rows, K] reduced along the last dim; 0: [K, rows] reduced along dim 0")
     p.add_argument("--out", help="JSON path (default benchmarks/results/logmeanexp-<device>.json)")
     args = p.parse_args()
     device, dtype = args.device, getattr(torch, args.dtype)
@@ -67,32 +71,33 @@ def main():
 
     rows, results = [], []
     for shape in args.shapes:
-        x = torch.randn(shape, device=device, dtype=dtype)
+        dim = args.dim
+        x = torch.randn(shape if dim == -1 else shape[::-1], device=device, dtype=dtype)
         xg = x.clone().requires_grad_()
         g = torch.randn(shape[0], device=device, dtype=dtype)
         variants = {"iwae_ext": logmeanexp, "eager": reference.logmeanexp}
         if compiled_twin is not None:
             variants["compiled"] = compiled_twin
         # Agreement first, forward and gradient, against the eager twin in float64.
-        want = reference.logmeanexp(x.double(), -1)
-        want_g = reference.logmeanexp_backward(g.double(), x.double(), want, -1)
+        want = reference.logmeanexp(x.double(), dim)
+        want_g = reference.logmeanexp_backward(g.double(), x.double(), want, dim)
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         for name, f in variants.items():
-            y = f(xg, -1)
+            y = f(xg, dim)
             (gx,) = torch.autograd.grad(y, xg, g)
             torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol, msg=f"{name} forward")
             torch.testing.assert_close(gx.double(), want_g, rtol=tol, atol=tol, msg=f"{name} grad")
-        case = {"shape": list(shape), "dtype": args.dtype}
+        case = {"shape": list(x.shape), "dim": dim, "dtype": args.dtype}
         for name, f in variants.items():
             def fwd(f=f):
                 with torch.no_grad():
-                    f(x, -1)
+                    f(x, dim)
 
             def fwd_bwd(f=f):
-                torch.autograd.grad(f(xg, -1), xg, g)
+                torch.autograd.grad(f(xg, dim), xg, g)
 
             for direction, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
-                m = measure(fn, device, "logmeanexp", f"{list(shape)} {direction}", name)
+                m = measure(fn, device, "logmeanexp", f"{list(x.shape)} dim {dim} {direction}", name)
                 rows.append(m)
                 case[f"{name}_{direction}_s"] = m.median
         for direction in ("forward", "forward+backward"):
@@ -101,7 +106,7 @@ def main():
             if compiled_twin is not None:
                 case[f"speedup_vs_compiled_{direction}"] = case[f"compiled_{direction}_s"] / ours
         results.append(case)
-        print(f"{shape}: forward x{case['speedup_vs_eager_forward']:.2f}, "
+        print(f"{list(x.shape)} dim {dim}: forward x{case['speedup_vs_eager_forward']:.2f}, "
               f"forward+backward x{case['speedup_vs_eager_forward+backward']:.2f} vs eager", flush=True)
 
     payload = {"op": "logmeanexp", "device": device_name(device), "build": iwae_ext.build_info(),
@@ -113,14 +118,14 @@ def main():
             n = case["shape"][0] * case["shape"][1] * torch.tensor([], dtype=dtype).element_size()
             case["forward_fraction_of_copy_bandwidth"] = n / case["iwae_ext_forward_s"] / bw
         big = max(args.shapes, key=lambda s: s[0] * s[1])
-        x = torch.randn(big, device=device, dtype=dtype, requires_grad=True)
-        y = logmeanexp(x)
+        x = torch.randn(big if args.dim == -1 else big[::-1], device=device, dtype=dtype, requires_grad=True)
+        y = logmeanexp(x, args.dim)
         tag = f"{big[0]}x{big[1]}"
-        payload["kernels_forward_" + tag] = kernels_launched(lambda: logmeanexp(x.detach()))
+        payload["kernels_forward_" + tag] = kernels_launched(lambda: logmeanexp(x.detach(), args.dim))
         payload["kernels_backward_" + tag] = kernels_launched(
-            lambda: torch.ops.iwae_ext.logmeanexp_backward(torch.ones_like(y), x.detach(), y.detach(), -1))
+            lambda: torch.ops.iwae_ext.logmeanexp_backward(torch.ones_like(y), x.detach(), y.detach(), args.dim))
     benchmark.Compare(rows).print()
-    print("saved", save(payload, device, "logmeanexp", args.out))
+    print("saved", save(payload, device, "logmeanexp" if args.dim == -1 else "logmeanexp-dim0", args.out))
 
 
 if __name__ == "__main__":
