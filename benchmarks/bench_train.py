@@ -41,7 +41,7 @@ import iwae_ext  # noqa: E402
 from iwae_ext._eval_run import Dist  # noqa: E402
 from iwae_ext.data import load_dataset  # noqa: E402
 from iwae_ext.train import TrainConfig  # noqa: E402
-from iwae_ext.train.loop import _EpochState, _Run, subnormals_as_zero  # noqa: E402
+from iwae_ext.train.loop import _Run, subnormals_as_zero  # noqa: E402
 
 
 def plain_iwae_loss(model, x, k):
@@ -65,11 +65,7 @@ def trainer_block(args, dataset, device, compile, fused=True, group=None, flush_
     cfg.compile = compile
     cfg.sync_every = args.steps
     run = _Run(cfg, dataset, device, group or Dist(device), None)
-    found = torch.zeros((), dtype=torch.float32, device=device)
-    run.opt.found_inf, run.opt.grad_scale = found, None
-    perm = torch.randperm(run.n, generator=torch.Generator().manual_seed(0)).to(device)
-    st = _EpochState(perm, torch.zeros((), dtype=torch.int64, device=device),
-                     torch.zeros(run.steps_per_epoch, dtype=torch.float64, device=device), found)
+    _, st = run._start_epoch()  # epoch 0's learning rate, permutation and device state
 
     def block(n):
         left = [n]

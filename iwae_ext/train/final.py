@@ -36,17 +36,10 @@ def _split_bounds(model, x: Tensor, config: TrainConfig, seed: int, group, desc:
     if hi > lo:
         b = evaluate.bounds(model, x[lo:hi], config.eval_k, bs, progress=config.progress and group.rank == 0,
                             desc=desc, seed=seed, index=torch.arange(lo, hi))
-        part = {"lo": lo, "ll": b.log_likelihood.cpu(), "elbo": b.elbo.cpu()}
-    parts = [part] if group.world == 1 else _all_gather(part, group.world)
-    parts = sorted((p for p in parts if p), key=lambda p: p["lo"])
-    return torch.cat([p["ll"] for p in parts]), torch.cat([p["elbo"] for p in parts])
-
-
-def _all_gather(obj, world: int) -> list:
-    import torch.distributed as dist
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
+        part = {lo: (b.log_likelihood.cpu(), b.elbo.cpu())}
+    parts = group.gather(part)  # {first row: (L_k, ELBO)} of every rank
+    blocks = [parts[lo] for lo in sorted(parts)]
+    return torch.cat([ll for ll, _ in blocks]), torch.cat([elbo for _, elbo in blocks])
 
 
 def final_metrics(model, dataset: Dataset, config: TrainConfig, history: list, train_seconds: float,

@@ -52,12 +52,10 @@ def key(*parts) -> int:
 @dataclasses.dataclass
 class StepNoise:
     """The keys of one step's random numbers: the global indices of this rank's images
-    ``index`` [b], the run's training ``seed``, and the epoch (``step``, an int64 tensor on the
-    device, and ``epoch``, the same as an int)."""
+    ``index`` [b], the run's training ``seed`` and the ``epoch``."""
 
     seed: int
     index: Tensor
-    step: Tensor
     epoch: int
 
     def keyed(self, purpose: str) -> KeyedNoise:
@@ -326,7 +324,6 @@ class _Run:
             self.history = list(ckpt.get("history", []))
             self.kind.load_state_dict(st["kind"])
         self.seed = key(config.seed, "train")
-        self.compiled = config.compile
         module = _Step(self.model, self.kind, self.x_train, dataset.binarization == "dynamic", self.seed)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -338,7 +335,7 @@ class _Run:
                                                  else None, broadcast_buffers=False,
                                                  find_unused_parameters=self.kind.unused_parameters)
         self.forward, self.opt_step, self.lr = module, self.opt.step, None
-        if self.compiled:
+        if config.compile:
             if device.type == "cuda":  # one GPU: a CUDA graph of the forward and the backward
                 module = torch.compile(module, mode="reduce-overhead" if self.world == 1 else None)
             else:  # the graph's kernels called from generated C++ rather than Python
@@ -350,6 +347,9 @@ class _Run:
             self.lr = torch.tensor(config.lr, dtype=torch.float64, device=device)
             self.opt_step = _quiet_first_call(torch.compile(self.opt.step))
         self.steps_per_epoch = math.ceil(self.n / config.batch_size)
+        # the non-finite latch, read by fused Adam (as GradScaler sets it): see _EpochState
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        self.opt.found_inf, self.opt.grad_scale = self.found_inf, None
         self.out = config.out if self.rank == 0 else None
         if self.out:
             os.makedirs(self.out, exist_ok=True)
@@ -364,8 +364,6 @@ class _Run:
             bar = tqdm(total=c.epochs, initial=self.epoch, desc=f"{c.model} k={c.k}", unit="epoch")
         stopped = False
         self.model.train()
-        found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
-        self.opt.found_inf, self.opt.grad_scale = found_inf, None  # what fused Adam reads (as GradScaler sets)
         try:
             flush = subnormals_as_zero(self.device.type == "cpu" and c.flush_denormal)
             with _StopFlag(announce=self.rank == 0) as flag, flush:
@@ -373,7 +371,7 @@ class _Run:
                     return flag.requested or (should_stop is not None and should_stop())
 
                 while self.epoch < c.epochs:
-                    stopped = self._epoch(found_inf, stop_requested)
+                    stopped = self._epoch(stop_requested)
                     if stopped:
                         break
                     if bar is not None:
@@ -382,7 +380,6 @@ class _Run:
         finally:
             if bar is not None:
                 bar.close()
-            del self.opt.found_inf, self.opt.grad_scale
         if stopped:
             where = f"; resume with --resume --out {c.out}" if c.out else ""
             if self.rank == 0:
@@ -397,8 +394,8 @@ class _Run:
                 f.write("\n")
         return metrics
 
-    def _epoch(self, found_inf: Tensor, stop_requested) -> bool:
-        """One epoch from ``self.step``; True when a stop was requested (after a checkpoint)."""
+    def _start_epoch(self) -> tuple[float, "_EpochState"]:
+        """The epoch's learning rate (set in the optimizer) and its state on the device."""
         c, dev = self.config, self.device
         lr = burda_schedule(self.epoch) if c.schedule == "burda" else c.lr
         if self.lr is not None:
@@ -414,7 +411,12 @@ class _Run:
         if self.rank == 0 and self.step:
             bound_sums[:self.step] = self.resumed_sums.to(dev)
         self.resumed_sums = None
-        st = _EpochState(perm, step_t, bound_sums, found_inf, self.step)
+        return lr, _EpochState(perm, step_t, bound_sums, self.found_inf, self.step)
+
+    def _epoch(self, stop_requested) -> bool:
+        """One epoch from ``self.step``; True when a stop was requested (after a checkpoint)."""
+        lr, st = self._start_epoch()
+        bound_sums = st.bound_sums
         t0 = time.perf_counter()
         stop = self._steps(st, stop_requested)
         self._raise_if_bad(st)
@@ -448,7 +450,7 @@ class _Run:
             rows = st.perm[self.step * B:(self.step + 1) * B]
             index = rows.tensor_split(self.world)[self.rank] if self.world > 1 else rows
             loss, bound_sum, loss_bad, aux = self.forward(index, st.step_t, self.world / rows.shape[0],
-                                                          StepNoise(self.seed, index, st.step_t, self.epoch))
+                                                          StepNoise(self.seed, index, self.epoch))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             # on the device: a non-finite gradient (one fused pass, x 1.0) or loss sets the latch,

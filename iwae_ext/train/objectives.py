@@ -60,13 +60,21 @@ class ModelKind:
     eval_k = 5000
     compilable = True
     unused_parameters = False  # parameters without a gradient (DistributedDataParallel must know)
+    analytic_kl = False  # kl='analytic' applies (the one-layer VAE)
 
     def __init__(self, config, model, device: torch.device, n_train: int, world: int = 1):
         self.config, self.device, self.n_train, self.world = config, device, n_train, world
 
     @classmethod
     def check(cls, config):
-        """Raise ValueError (naming the field) for settings this kind cannot train with."""
+        """Raise ValueError (naming the field) for settings this kind cannot train with; a
+        subclass adds its own checks to these (``super().check(config)``)."""
+        if config.kl == "analytic" and not (cls.analytic_kl and config.layers == 1):
+            raise ValueError(f"kl='analytic' needs model='vae' with one stochastic layer, got model "
+                             f"{config.model!r} with layers={config.layers}")
+        if config.prior_std is not None and cls.random_weights == "none":
+            raise ValueError(f"prior_std needs a model with random weights (iwaer, iwaer_rec), got "
+                             f"model {config.model!r}")
 
     @classmethod
     def default_kl(cls, config) -> str:
@@ -121,6 +129,7 @@ class BoundKind(ModelKind):
 @register("vae")
 class VAEKind(BoundKind):
     bound_name = "elbo"
+    analytic_kl = True
 
     @classmethod
     def default_kl(cls, config) -> str:
@@ -128,26 +137,15 @@ class VAEKind(BoundKind):
 
     @classmethod
     def check(cls, config):
-        if config.kl == "analytic" and config.layers != 1:
-            raise ValueError("kl='analytic' needs model='vae' with one stochastic layer")
+        super().check(config)
         if config.estimator == "dreg":
             raise ValueError("estimator 'dreg' is for the IWAE bound (model iwae, iwaer, iwaer_rec); "
                              "use 'stl' for the VAE")
-        if config.prior_std is not None:
-            raise ValueError("prior_std needs a model with random weights (iwaer, iwaer_rec), got "
-                             "model 'vae'")
 
 
 @register("iwae")
 class IWAEKind(BoundKind):
-    @classmethod
-    def check(cls, config):
-        if config.kl == "analytic":
-            raise ValueError(f"kl='analytic' needs model='vae' with one stochastic layer, got model "
-                             f"{config.model!r}")
-        if config.prior_std is not None and cls.random_weights == "none":
-            raise ValueError(f"prior_std needs a model with random weights (iwaer, iwaer_rec), got "
-                             f"model {config.model!r}")
+    pass
 
 
 @register("iwaer")
@@ -177,8 +175,8 @@ class AutoencoderKind(ModelKind):
 
     @classmethod
     def check(cls, config):
+        super().check(config)
         _need_one_layer(config, "")
-        IWAEKind.check(config)
 
     def loss(self, model, x, scale, noise):
         from ..evaluate import squared_error
@@ -200,11 +198,11 @@ class AIWAEKind(ModelKind):
 
     @classmethod
     def check(cls, config):
+        super().check(config)
         _need_one_layer(config, " (the hand-written HMC gradient)")
         if config.estimator != "standard":
             raise ValueError("model 'aiwae' trains its encoder on the ELBO with the standard "
                              f"estimator; got estimator {config.estimator!r}")
-        IWAEKind.check(config)
         if not 0 < config.target_accept < 1:
             raise ValueError(f"target_accept must be in (0, 1), got {config.target_accept!r}")
         s = config.hmc_step_size
