@@ -3,7 +3,9 @@
 // 24-25 us with this one; the kernels cost less than the difference. The backward ops are
 // themselves differentiable, which gives double backward.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/mv.h>
 #include <ATen/ops/neg.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/sum.h>
@@ -155,6 +157,105 @@ std::tuple<at::Tensor, at::Tensor> bayes_linear_autograd(const at::Tensor& x, co
   return {outs[0], outs[1]};
 }
 
+using BernGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+at::Tensor call_bernoulli_log_prob(const at::Tensor& h, const at::Tensor& w, const at::Tensor& b,
+                                   const at::Tensor& x) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("iwae_ext::bernoulli_log_prob", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&)>();
+  return op.call(h, w, b, x);
+}
+
+BernGrads call_bernoulli_log_prob_backward(const at::Tensor& g, const at::Tensor& h,
+                                           const at::Tensor& w, const at::Tensor& b,
+                                           const at::Tensor& x, std::array<bool, 3> mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("iwae_ext::bernoulli_log_prob_backward", "")
+                       .typed<BernGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, const at::Tensor&, std::array<bool, 3>)>();
+  return op.call(g, h, w, b, x, mask);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_bernoulli_log_prob_dlogit(const at::Tensor& h,
+                                                                  const at::Tensor& w,
+                                                                  const at::Tensor& b,
+                                                                  const at::Tensor& x) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("iwae_ext::bernoulli_log_prob_dlogit", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&)>();
+  return op.call(h, w, b, x);
+}
+
+// d/dl = x - sigmoid(l) is kept from the forward when it takes at most this much memory (a
+// training step's [k, B, D]: less than the logits and softplus PyTorch saves, and the
+// backward is then two matrix products and a matrix-vector product); above it (a gradient
+// through thousands of samples) only h, weight, bias and x are saved and the backward
+// recomputes the logits block by block.
+constexpr int64_t kKeepDlogitBytes = int64_t(64) << 20;
+
+// x's gradient needs no logits: d out[s, b] / d x[b, d] = l[s, b, d], so
+// d x = (sum_s g h) W^T + (sum_s g) bias^T over the sample dims.
+class BernoulliLogProb : public torch::autograd::Function<BernoulliLogProb> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& w,
+                            const at::Tensor& b, const at::Tensor& x) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const bool params_grad = h.requires_grad() || w.requires_grad() || b.requires_grad();
+    const int64_t logit_bytes = (w.dim() == 2 ? w.size(0) : 0) *
+                                (h.dim() >= 1 ? h.numel() / std::max<int64_t>(h.size(-1), 1) : 0) *
+                                static_cast<int64_t>(h.element_size());
+    at::Tensor out, dlogit;
+    if (params_grad && logit_bytes <= kKeepDlogitBytes)
+      std::tie(out, dlogit) = call_bernoulli_log_prob_dlogit(h, w, b, x);
+    else
+      out = call_bernoulli_log_prob(h, w, b, x);
+    ctx->save_for_backward({h, w, b, x, dlogit});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "bernoulli_log_prob: double backward (create_graph=True) is not implemented");
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor &h = s[0], &w = s[1], &b = s[2], &x = s[3], &dlogit = s[4];
+    const at::Tensor& g = grads[0];
+    std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                             ctx->needs_input_grad(2)};
+    at::Tensor dh, dw, db, dx;
+    if (dlogit.defined()) {
+      const int64_t D = w.size(0), H = w.size(1), M = g.numel();
+      const at::Tensor e = dlogit.reshape({M, D}), g1 = g.reshape({M});
+      if (mask[0]) dh = at::mm(e, w).mul_(g1.unsqueeze(1)).view(h.sizes());
+      if (mask[1]) dw = at::mm(e.t(), at::mul(h.reshape({M, H}), g1.unsqueeze(1)));
+      if (mask[2]) db = at::mv(e.t(), g1);
+    } else if (mask[0] || mask[1] || mask[2]) {
+      std::tie(dh, dw, db) = call_bernoulli_log_prob_backward(g, h, w, b, x, mask);
+    }
+    if (ctx->needs_input_grad(3)) {
+      const int64_t lead = h.dim() - 2;
+      at::Tensor gh = at::mul(g.unsqueeze(-1), h);
+      at::Tensor gs = g;
+      if (lead > 0) {
+        std::vector<int64_t> dims(lead);
+        for (int64_t i = 0; i < lead; ++i) dims[i] = i;
+        gh = at::sum(gh, dims);
+        gs = at::sum(gs, dims);
+      }
+      dx = at::mm(gh, w.t()).addcmul_(gs.unsqueeze(-1), b.unsqueeze(0));
+    }
+    return {dh, dw, db, dx};
+  }
+};
+
+at::Tensor bernoulli_log_prob_autograd(const at::Tensor& h, const at::Tensor& w,
+                                       const at::Tensor& b, const at::Tensor& x) {
+  return BernoulliLogProb::apply(h, w, b, x);
+}
+
 std::tuple<at::Tensor, at::Tensor> call_hmc_leapfrog(const at::Tensor& z, const at::Tensor& p,
                                                      const at::Tensor& grad_u,
                                                      const at::Tensor& step_size, double kick,
@@ -221,6 +322,7 @@ TORCH_LIBRARY_IMPL(iwae_ext, Autograd, m) {
   m.impl("logmeanexp_backward", &logmeanexp_backward_autograd);
   m.impl("bayes_linear", &bayes_linear_autograd);
   m.impl("hmc_leapfrog", &hmc_leapfrog_autograd);
+  m.impl("bernoulli_log_prob", &bernoulli_log_prob_autograd);
 }
 
 }  // namespace iwae_ext

@@ -9,6 +9,7 @@
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
 
+#include "bernoulli.h"
 #include "checks.h"
 #include "logmeanexp.h"
 
@@ -97,6 +98,55 @@ void lme_backward_finish(LmeBackwardArgs& a) {
     a.grad_logw.copy_(a.grad_x);
 }
 
+BernArgs bern_args(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                   const at::Tensor& x, const char* op) {
+  TORCH_CHECK(h.dim() >= 2, op, ": h must have shape [..., B, H] (at least two dimensions), got ",
+              h.sizes());
+  TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble, op,
+              ": h must be float32 or float64, got ", h.scalar_type());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must have shape [D, H], got ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == h.size(-1), op, ": h's last dimension (", h.size(-1),
+              ") must equal weight's H (", weight.size(1), "); weight has shape [D, H] = ",
+              weight.sizes());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), op, ": bias must have shape [",
+              weight.size(0), "] (weight's D), got ", bias.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == h.size(-2) && x.size(1) == weight.size(0), op,
+              ": x must have shape [B, D] = [", h.size(-2), ", ", weight.size(0),
+              "] (h's second-to-last dimension, weight's D), got ", x.sizes());
+  const char* names[] = {"weight", "bias", "x"};
+  const at::Tensor* ts[] = {&weight, &bias, &x};
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK(ts[i]->scalar_type() == h.scalar_type(), op, ": ", names[i],
+                " must have the dtype of h (", h.scalar_type(), "), got ", ts[i]->scalar_type());
+    TORCH_CHECK(ts[i]->device() == h.device(), op, ": ", names[i], " must be on the device of h (",
+                h.device(), "), got ", ts[i]->device());
+  }
+  BernArgs a;
+  a.H = h.size(-1);
+  a.B = h.size(-2);
+  a.D = weight.size(0);
+  a.out_shape.assign(h.sizes().begin(), h.sizes().end() - 1);
+  a.M = prod(h.sizes(), 0, h.dim() - 1);
+  // detached: the kernels call matmuls with out= (from worker threads too, which do not see
+  // the caller's grad mode), and autograd refuses those on tensors that require grad
+  a.h = h.detach().reshape({a.M, a.H}).contiguous();
+  a.weight = weight.detach().contiguous();
+  a.bias = bias.detach().contiguous();
+  a.x = x.detach().contiguous();
+  return a;
+}
+
+at::Tensor bern_grad_out(const at::Tensor& grad_out, const at::Tensor& h, const BernArgs& a,
+                         const char* op) {
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(a.out_shape), op, ": grad_out must have shape ",
+              at::IntArrayRef(a.out_shape), " (h's without its last dimension), got ",
+              grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == h.scalar_type() && grad_out.device() == h.device(), op,
+              ": grad_out must have h's dtype and device (", h.scalar_type(), ", ", h.device(),
+              "), got ", grad_out.scalar_type(), ", ", grad_out.device());
+  return grad_out.reshape({a.M}).contiguous();
+}
+
 }  // namespace iwae_ext
 
 TORCH_LIBRARY(iwae_ext, m) {
@@ -123,6 +173,19 @@ TORCH_LIBRARY(iwae_ext, m) {
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Counter-based random numbers (csrc/random.h) -> [rows, B, dim] on index's device:
   // element (r, b, d) a function of (seed, index[b], row_start + r, step, stream, d) only.
+  // Fused Bernoulli output layer (csrc/bernoulli.h): sum_d x l - softplus(l), l = h W^T + bias,
+  // h [..., B, H], weight [D, H], bias [D], x [B, D] -> [..., B].
+  m.def("bernoulli_log_prob(Tensor h, Tensor weight, Tensor bias, Tensor x) -> Tensor");
+  // Gradients for (h, weight, bias); undefined where the output_mask entry is false.
+  m.def("bernoulli_log_prob_backward(Tensor grad_out, Tensor h, Tensor weight, Tensor bias, "
+        "Tensor x, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // (out, d out / d h) in one pass (the hand-written AIS gradient); out is empty ([0]) unless
+  // value. Not differentiable.
+  m.def("bernoulli_log_prob_grad_h(Tensor h, Tensor weight, Tensor bias, Tensor x, bool value) "
+        "-> (Tensor, Tensor)");
+  // (out, x - sigmoid(l) [..., B, D]): the forward the autograd formula takes when the logits
+  // are small enough to keep. Not differentiable.
+  m.def("bernoulli_log_prob_dlogit(Tensor h, Tensor weight, Tensor bias, Tensor x) -> (Tensor, Tensor)");
   m.def("keyed_random(Tensor index, Tensor step, int seed, int stream, int rows, int row_start, "
         "int dim, bool normal, ScalarType dtype) -> Tensor");
 }

@@ -90,7 +90,7 @@ def train_parser() -> argparse.ArgumentParser:
     a("--resume", action="store_true", default=S, help="continue the run in --out exactly")
     a("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
     a("--reference-ops", dest="fused", action="store_false", default=S,
-      help="reduce with the pure-PyTorch twin instead of the fused op (for comparisons)")
+      help="the pure-PyTorch twins instead of the fused logmeanexp and decoder output layer (for comparisons)")
     a("--compile", action=argparse.BooleanOptionalAction, default=S,
       help="the training step under torch.compile (a CUDA graph on one GPU); default: compiled for "
            "runs of >= 10,000 steps on a CPU, >= 5,000 on a GPU, where compiling pays")

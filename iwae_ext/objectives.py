@@ -133,11 +133,9 @@ def aiwae_step(model, x: Tensor, k: int, betas: Tensor, num_leapfrog: int, step_
     log_p = model.log_joint(x, z)  # [K, B]; z is data here (no gradient)
     decoder_loss = -(w * log_p).sum(0).mean()
     if encoder_only_elbo:
-        from torch.func import functional_call
         q = model.posterior(x)
         z1 = q.rsample((1,))
-        frozen = {name: p.detach() for name, p in model.decoder.named_parameters()}
-        log_lik = model.decoder.log_prob(model._check_x(x), functional_call(model.decoder, frozen, (z1,)))
+        log_lik = model.decoder.log_likelihood(model._check_x(x), z1, detach_params=True)
         encoder_loss = -(model.prior_log_prob(z1) + log_lik - q.log_prob(z1)).mean()
     else:
         encoder_loss = -objective(model, x, 1, "elbo").mean()

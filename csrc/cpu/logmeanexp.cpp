@@ -22,112 +22,14 @@
 #include <vector>
 
 #include "../logmeanexp.h"
+#include "fast_math.h"
 #include "simd.h"
 
 namespace iwae_ext {
 namespace {
 
-template <typename T>
-struct ExpConstants;
-
-template <>
-struct ExpConstants<double> {
-  using bits_t = uint64_t;
-  static constexpr int mantissa_bits = 52;
-  static constexpr int64_t bias = 1023;
-  static constexpr double log2e = 1.4426950408889634;
-  // Cody-Waite split of ln 2: n * ln2_hi is exact for |n| < 2^11.
-  static constexpr double ln2_hi = 6.93147180369123816490e-01;
-  static constexpr double ln2_lo = 1.90821492927058770002e-10;
-  static constexpr double round_magic = 6755399441055744.0;  // 1.5 * 2^52
-  static constexpr double lo = -745.1332191019412;  // exp(x) rounds to 0 below
-  static constexpr double hi = 709.782712893384;    // exp(x) overflows above
-};
-
-template <>
-struct ExpConstants<float> {
-  using bits_t = uint32_t;
-  static constexpr int mantissa_bits = 23;
-  static constexpr int32_t bias = 127;
-  static constexpr float log2e = 1.44269504088896341f;
-  static constexpr float ln2_hi = 0.693359375f;
-  static constexpr float ln2_lo = -2.12194440e-4f;
-  static constexpr float round_magic = 12582912.0f;  // 1.5 * 2^23
-  static constexpr float lo = -103.972084f;
-  static constexpr float hi = 88.7228394f;
-};
-
-// Bit casts the vectoriser sees through (a memcpy into a local defeats it with GCC 12).
-template <typename T>
-IWAE_INLINE typename ExpConstants<T>::bits_t to_bits(T v) {
-  return __builtin_bit_cast(typename ExpConstants<T>::bits_t, v);
-}
-
-template <typename T>
-IWAE_INLINE T from_bits(typename ExpConstants<T>::bits_t b) {
-  return __builtin_bit_cast(T, b);
-}
-
-// exp(r) for |r| <= ln(2)/2: Taylor series to degree 13 (double; truncation < 5e-18) or
-// 7 (float; < 6e-9), in Horner form.
-IWAE_INLINE double exp_reduced(double r) {
-  double p = 1.0 / 6227020800.0;
-  p = p * r + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  return p * r + 1.0;
-}
-
-IWAE_INLINE float exp_reduced(float r) {
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  return p * r + 1.0f;
-}
-
-// exp(x) over the whole range, branch-free so that loops calling it vectorise:
-// x = n ln2 + r, exp(x) = 2^n exp(r), with 2^n built from its exponent bits in two halves
-// so that results down to the smallest subnormal and up to the largest finite value are
-// right. exp(-inf) = 0, exp(+inf) = +inf, exp(NaN) = NaN.
-template <typename T>
-IWAE_INLINE T fast_exp(T x) {
-  using C = ExpConstants<T>;
-  using bits_t = typename C::bits_t;
-  const T xc = std::min(std::max(x, C::lo), C::hi);  // NaN passes through
-  const T t = xc * C::log2e + C::round_magic;                // round to nearest integer
-  const T n = t - C::round_magic;
-  const T r = (xc - n * C::ln2_hi) - n * C::ln2_lo;
-  // bits(t) - bits(magic) is n as a two's-complement integer.
-  const bits_t ni = to_bits(t) - to_bits(C::round_magic);
-  // floor(n / 2) by a logical shift of n + 2048 (n > -2048), since SSE and AVX2 have no
-  // 64-bit arithmetic shift.
-  const bits_t n1 = ((ni + bits_t(2048)) >> 1) - bits_t(1024);
-  const bits_t n2 = ni - n1;
-  const T s1 = from_bits<T>((n1 + static_cast<bits_t>(C::bias)) << C::mantissa_bits);
-  const T s2 = from_bits<T>((n2 + static_cast<bits_t>(C::bias)) << C::mantissa_bits);
-  T e = exp_reduced(r) * s1 * s2;
-  e = x < C::lo ? T(0) : e;
-  e = x > C::hi ? std::numeric_limits<T>::infinity() : e;
-  return e;
-}
-
-struct FastExp {
-  template <typename T>
-  IWAE_INLINE T operator()(T x) const { return fast_exp(x); }
-};
+using cpu_math::fast_exp;
+using cpu_math::FastExp;
 
 constexpr int64_t kBlock = 1024;      // values per block of a row
 constexpr int64_t kTileCols = 64;     // columns per tile (inner > 1)

@@ -17,6 +17,7 @@ from torch.func import functional_call
 
 from .._checks import check_choice
 from ..keyed import standard_normal
+from ..ops import bernoulli_log_prob, bernoulli_log_prob_grad_h
 from .bayes import BayesLinear
 
 LOG_2PI = math.log(2 * math.pi)
@@ -151,12 +152,24 @@ class HierarchicalPosterior(Distribution):
         return HierarchicalPosterior(self.q1.detached(), self.layer2, params)
 
 
+def _body(body: nn.Module, z: Tensor, detach_params: bool):
+    """body(z), with its parameters cut from the graph if asked."""
+    if not detach_params:
+        return body(z)
+    return functional_call(body, {n: p.detach() for n, p in body.named_parameters()}, (z,))
+
+
 class BernoulliDecoder(nn.Module):
-    """p(x|z) = prod_d Bernoulli(x_d; sigmoid(logits_d)); logits = MLP(z). Output bias = logit(mean)."""
+    """p(x|z) = prod_d Bernoulli(x_d; sigmoid(logits_d)); logits = MLP(z). Output bias = logit(mean).
+
+    ``fused`` (default True): :meth:`log_likelihood` forms the output layer and the
+    log-likelihood in one pass (:func:`iwae_ext.ops.bernoulli_log_prob`) where the output layer
+    is an ``nn.Linear``; False: the logits in full and the pure-PyTorch formula (comparisons)."""
 
     def __init__(self, latent_dim: int, hidden: Sequence[int], x_dim: int, activation: str = "tanh",
                  x_mean: Tensor | None = None, linear=nn.Linear):
         super().__init__()
+        self.fused = True
         self.body = MLP([latent_dim, *hidden], activation, linear)
         self.logits = linear(self.body.out_features, x_dim)
         if x_mean is not None:
@@ -171,6 +184,27 @@ class BernoulliDecoder(nn.Module):
     def log_prob(x: Tensor, logits: Tensor) -> Tensor:
         # sum_d x log sigmoid(l) + (1 - x) log sigmoid(-l) = sum_d x l - softplus(l)
         return (x * logits).sum(-1) - F.softplus(logits).sum(-1)
+
+    def fuses(self, x: Tensor, h: Tensor) -> bool:
+        """Whether :meth:`log_likelihood` takes the fused op for data x and hidden units h."""
+        out = self.logits
+        return (self.fused and type(out) is nn.Linear and out.bias is not None and x.dim() == 2
+                and h.dim() >= 2 and x.shape[0] == h.shape[-2] and h.dtype in (torch.float32, torch.float64))
+
+    def log_likelihood(self, x: Tensor, z: Tensor, detach_params: bool = False) -> Tensor:
+        """log p(x|z) for x [B, D], z [..., B, Z]: [..., B]. ``detach_params``: the decoder's
+        parameters cut from the graph (z keeps its path)."""
+        h = _body(self.body, z, detach_params)
+        x = x.to(h.dtype)
+        if self.fuses(x, h):
+            w, b = self.logits.weight, self.logits.bias
+            if detach_params:
+                w, b = w.detach(), b.detach()
+            return bernoulli_log_prob(h, w, b, x)
+        if detach_params:
+            params = {n: p.detach() for n, p in self.logits.named_parameters()}
+            return self.log_prob(x, functional_call(self.logits, params, (h,)))
+        return self.log_prob(x, self.logits(h))
 
     @staticmethod
     def mean(logits: Tensor) -> Tensor:
@@ -187,6 +221,7 @@ class GaussianDecoder(nn.Module):
     def __init__(self, latent_dim: int, hidden: Sequence[int], x_dim: int, activation: str = "tanh",
                  x_mean: Tensor | None = None, linear=nn.Linear):
         super().__init__()
+        self.fused = True  # no fused path for a Gaussian output (kept for a uniform switch)
         self.net = ConditionalGaussian(latent_dim, hidden, x_dim, activation, linear)
         if x_mean is not None:
             bias = _bias(self.net.loc)
@@ -200,6 +235,10 @@ class GaussianDecoder(nn.Module):
     @staticmethod
     def log_prob(x: Tensor, params: tuple[Tensor, Tensor]) -> Tensor:
         return normal_log_prob(x, *params)
+
+    def log_likelihood(self, x: Tensor, z: Tensor, detach_params: bool = False) -> Tensor:
+        """log p(x|z) for x [B, D], z [..., B, Z]: [..., B] (parameters cut from the graph if asked)."""
+        return self.log_prob(x, _body(self, z, detach_params))
 
     @staticmethod
     def mean(params: tuple[Tensor, Tensor]) -> Tensor:
@@ -313,9 +352,19 @@ class VAE(nn.Module):
         """The decoder's output for z [..., Z]: logits (Bernoulli) or (mean, logvar) (Gaussian)."""
         return self.decoder(self.split_latent(z)[0])
 
+    @property
+    def fused(self) -> bool:
+        """Whether the Bernoulli log-likelihood uses the fused output-layer op (default True;
+        False: the logits in full and the pure-PyTorch formula, for comparisons). Not saved."""
+        return self.decoder.fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        self.decoder.fused = bool(value)
+
     def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
         """log p(x|z) for x [B, D], z [S, B, Z]: [S, B]."""
-        return self.decoder.log_prob(self._check_x(x), self.decode(z))
+        return self.decoder.log_likelihood(self._check_x(x), self.split_latent(z)[0])
 
     def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
         """log p(x, z) for x [B, D], z [S, B, Z]: [S, B]."""
@@ -373,7 +422,9 @@ class VAE(nn.Module):
         (no autograd graph): x [C, D], z [C, Z] -> ([C], [C, Z]). Equal to autograd's up to
         rounding; one stochastic layer, deterministic decoder (:attr:`has_fast_log_joint_grad`).
 
-        Bernoulli: d/d logits = x - sigmoid(logits). Gaussian (mean sigmoid(m), log-variance v):
+        Bernoulli: d/d logits = x - sigmoid(logits), with the value and d/dh of the output layer
+        from the fused op :func:`iwae_ext.ops.bernoulli_log_prob_grad_h` (logits never formed in
+        full) unless :attr:`fused` is False. Gaussian (mean sigmoid(m), log-variance v):
         d/dm = (x - mean) exp(-v) mean (1 - mean), d/dv = ((x - mean)^2 exp(-v) - 1) / 2.
         Each hidden layer h = act(a): d/da = d/dh * act'(a), read from h alone.
         The prior N(0, I) adds -z. ``value=False``: the gradient only (the value is None).
@@ -393,7 +444,9 @@ class VAE(nn.Module):
             hs.append(h)
             h = F.linear(h, lin.weight, lin.bias)
             h = _ACT_FORWARD[self.config["activation"]](h)
-        if isinstance(dec, BernoulliDecoder):
+        if isinstance(dec, BernoulliDecoder) and dec.fuses(x, h):
+            log_lik, dh = bernoulli_log_prob_grad_h(h, dec.logits.weight, dec.logits.bias, x, value)
+        elif isinstance(dec, BernoulliDecoder):
             logits = F.linear(h, dec.logits.weight, dec.logits.bias)
             log_lik = (x * logits).sum(-1) - F.softplus(logits).sum(-1) if value else None
             dh = (x - torch.sigmoid(logits)) @ dec.logits.weight

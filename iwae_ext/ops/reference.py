@@ -28,6 +28,20 @@ def bayes_linear(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Tens
     return mean + var.sqrt() * eps
 
 
+def bernoulli_log_prob(h: Tensor, weight: Tensor, bias: Tensor, x: Tensor) -> Tensor:
+    """sum_d x l - softplus(l), l = h W^T + bias: h [..., B, H], weight [D, H], bias [D], x [B, D]
+    -> [..., B] (the logits formed in full, as a decoder does in plain PyTorch)."""
+    logits = F.linear(h, weight, bias)
+    return (x * logits).sum(-1) - F.softplus(logits).sum(-1)
+
+
+def bernoulli_log_prob_grad_h(h: Tensor, weight: Tensor, bias: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(bernoulli_log_prob, its gradient in h = (x - sigmoid(l)) W)."""
+    logits = F.linear(h, weight, bias)
+    value = (x * logits).sum(-1) - F.softplus(logits).sum(-1)
+    return value, (x - torch.sigmoid(logits)) @ weight
+
+
 def bayes_linear_per_row_weights(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Tensor,
                                  bias_rho: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """The exact (naive) Bayesian layer: one weight matrix and bias drawn per row of x.

@@ -60,7 +60,7 @@ class TrainConfig:
     out: str | None = None
     resume: bool = False
     progress: bool = True
-    fused: bool = True  # False: the pure-PyTorch twin of logmeanexp (for comparisons)
+    fused: bool = True  # False: pure PyTorch for logmeanexp and the decoder output layer (comparisons)
     compile: bool | None = None  # the training step under torch.compile; None: where it is faster
     dtype: str = "float32"  # "float32" or "float64" (parameters, data and arithmetic)
     sync_every: int = 100  # steps between the loop's read-backs to the host (non-finite check, stops)

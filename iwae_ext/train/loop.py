@@ -306,6 +306,7 @@ class _Run:
         if config.init_from and ckpt is None:
             model = _init_from(model, config.init_from)
         self.model = model.to(device=device, dtype=self.dtype)
+        self.model.fused = config.fused  # --reference-ops: the decoder's log-likelihood in plain PyTorch too
         self.x_train = dataset.split("train").to(device=device, dtype=self.dtype)
         self.n = self.x_train.shape[0]
         if config.batch_size < self.world:

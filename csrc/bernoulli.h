@@ -1,0 +1,88 @@
+// Arithmetic of the fused Bernoulli output layer (DESIGN.md section 3.5), shared by the CPU and
+// CUDA kernels, and the argument checks every device's kernels run.
+//
+//   out[..., b] = sum_d x[b, d] l_d - softplus(l_d),   l = h[..., b, :] W^T + bias
+//
+// One element's term, stable for any |l| (no exp of a positive number, no cancellation
+// beyond PyTorch's binary_cross_entropy_with_logits): with a = |l| and e = exp(-a) in (0, 1],
+//   x l - softplus(l) = (x - [l > 0]) l - log1p(e)
+// (x - 1 is exact for x in [1/2, 1], so binary data lose nothing). Its derivative in l is
+//   x - sigmoid(l),  sigmoid(l) = 1 / (1 + e) for l >= 0, e / (1 + e) otherwise.
+// `M` supplies exp and log1p on [0, 1] for the device (the CPU's vectorisable polynomials,
+// CUDA's libdevice functions).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+
+// Forced inline: the CPU kernels call these inside `omp simd` loops, which vectorise only
+// what is inlined.
+#if defined(__CUDACC__)
+#define IWAE_BERN_INLINE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define IWAE_BERN_INLINE inline __attribute__((always_inline))
+#else
+#define IWAE_BERN_INLINE inline
+#endif
+
+namespace iwae_ext {
+
+template <typename T, typename M>
+IWAE_BERN_INLINE T bern_term(T l, T x, M m) {
+  const T a = l > T(0) ? l : -l;
+  return (x - (l > T(0) ? T(1) : T(0))) * l - m.log1p_unit(m.exp(-a));
+}
+
+template <typename T, typename M>
+IWAE_BERN_INLINE T bern_dlogit(T l, T x, M m) {
+  const T a = l > T(0) ? l : -l;
+  const T e = m.exp(-a);
+  const T r = T(1) / (T(1) + e);
+  return x - (l >= T(0) ? r : e * r);
+}
+
+// Both at once (one exponential): the term and x - sigmoid(l).
+template <typename T, typename M>
+IWAE_BERN_INLINE void bern_term_dlogit(T l, T x, M m, T* term, T* dlogit) {
+  const T a = l > T(0) ? l : -l;
+  const T e = m.exp(-a);
+  const T r = T(1) / (T(1) + e);
+  *term = (x - (l > T(0) ? T(1) : T(0))) * l - m.log1p_unit(e);
+  *dlogit = x - (l >= T(0) ? r : e * r);
+}
+
+// How the kernels see the op's arguments: h as [M, H] rows (row m belongs to data point
+// m % B), weight [D, H], bias [D], x [B, D], all contiguous and of one dtype and device.
+struct BernArgs {
+  at::Tensor h;       // [M, H]
+  at::Tensor weight;  // [D, H]
+  at::Tensor bias;    // [D]
+  at::Tensor x;       // [B, D]
+  std::vector<int64_t> out_shape;  // h's shape without its last dim
+  int64_t M = 0, B = 0, H = 0, D = 0;
+};
+
+// Checks (messages name `op` and the argument) and the contiguous views; shared by every
+// device's forward and backward.
+BernArgs bern_args(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                   const at::Tensor& x, const char* op);
+
+// The backward's grad_out: h's shape without its last dim, h's dtype and device; as [M].
+at::Tensor bern_grad_out(const at::Tensor& grad_out, const at::Tensor& h, const BernArgs& a,
+                         const char* op);
+
+// Rows per block of the blocked kernels: the fewest blocks of at most `bytes` of logits each,
+// but at least `min_blocks` (one per thread: each block is one matrix product, and a product
+// of few rows spends more of its time packing the weight), of near-equal sizes, a multiple of
+// 8 rows.
+inline int64_t bern_block_rows(int64_t M, int64_t D, int64_t elem_size, int64_t bytes,
+                               int64_t min_blocks) {
+  const int64_t row_bytes = (D > 0 ? D : 1) * elem_size;
+  int64_t blocks = (M * row_bytes + bytes - 1) / bytes;
+  if (blocks < min_blocks) blocks = min_blocks;
+  if (blocks < 1) blocks = 1;
+  const int64_t r = (M + blocks - 1) / blocks;
+  return r < 8 ? 8 : (r + 7) / 8 * 8;
+}
+
+}  // namespace iwae_ext
