@@ -86,6 +86,7 @@ def trainer_block(args, dataset, device, compile, fused=True, group=None, flush_
                 run._steps(st, stop)
             run._raise_if_bad(st)  # a read-back: every block ends with everything done
 
+    block.run = run
     return block
 
 

@@ -12,9 +12,9 @@
 #
 # Time limits per part on one H100 (each part gets SIGTERM at its limit, which pytest takes as an
 # interrupt and still writes its report, and the next part runs; the whole finishes within 9 minutes): build 120 s, tests
-# 160 s (8 pytest-xdist workers where xdist is installed), logmeanexp 60 s, bayes_linear 60 s,
-# ais 75 s, train step (k=50, batch 20, compiled and eager) 100 s, environment and summary a few
-# seconds: 575 s at most.
+# 150 s (8 pytest-xdist workers where xdist is installed), logmeanexp 55 s, bayes_linear 55 s,
+# decoder (bernoulli_log_prob) 40 s, ais 70 s, train step (k=50, batch 20, compiled and eager)
+# 90 s, environment and summary a few seconds: 580 s at most.
 #
 # --dry-run: the same parts on the CPU at toy sizes (a CPU build, tests/test_build.py only, tiny
 # benchmark shapes), in well under 3 minutes; CI runs it so that this script cannot rot.
@@ -48,21 +48,23 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu
   export CUDA_VISIBLE_DEVICES=""   # the CPU even where a GPU is visible
-  T_BUILD=300 T_TESTS=120 T_LME=150 T_BL=60 T_AIS=60 T_TRAIN=150  # caps, not budgets: a loaded CPU
+  T_BUILD=300 T_TESTS=120 T_LME=150 T_BL=60 T_DEC=60 T_AIS=60 T_TRAIN=150  # caps, not budgets: a loaded CPU
   BUILD_CUDA=auto                  # whatever this torch can build
   TESTS=(tests/test_build.py)
   LME_ARGS=(--shapes 20x50 100x50 --no-compile)
   BL_ARGS=(--rows 64 --rounds 3 --no-memory)
+  DEC_ARGS=(--toy --rounds 2)
   AIS_ARGS=(--chains 32 --temps 3 --leapfrog 2 --rounds 3)
   TRAIN_ARGS=(--rounds 2 --steps 3 --k 50 --batch-size 20)
 else
   DEVICE=cuda
-  T_BUILD=120 T_TESTS=160 T_LME=60 T_BL=60 T_AIS=75 T_TRAIN=100
+  T_BUILD=120 T_TESTS=150 T_LME=55 T_BL=55 T_DEC=40 T_AIS=70 T_TRAIN=90
   BUILD_CUDA=1                     # the CUDA kernels, or fail
   TESTS=(tests)
   if "$PY" -c "import xdist" 2>/dev/null; then TESTS+=(-n 8); fi
   LME_ARGS=(--no-compile)          # torch.compile of the twin costs a minute of compiles
   BL_ARGS=()
+  DEC_ARGS=(--rounds 11 --e2e-rounds 1 --skip-train)
   AIS_ARGS=()
   TRAIN_ARGS=(--k 50 --batch-size 20 --steps 200)
 fi
@@ -124,6 +126,8 @@ part logmeanexp "$T_LME" "$PY" benchmarks/bench_logmeanexp.py --device "$DEVICE"
   --out "$OUT_DIR/logmeanexp.json" "${LME_ARGS[@]}"
 part bayes_linear "$T_BL" "$PY" benchmarks/bench_bayes_linear.py --device "$DEVICE" \
   --out "$OUT_DIR/bayes-linear.json" "${BL_ARGS[@]}"
+part decoder "$T_DEC" "$PY" benchmarks/bench_decoder.py --device "$DEVICE" \
+  --out "$OUT_DIR/decoder.json" "${DEC_ARGS[@]}"
 part ais "$T_AIS" "$PY" benchmarks/bench_ais.py --device "$DEVICE" \
   --out "$OUT_DIR/ais.json" "${AIS_ARGS[@]}"
 part train "$T_TRAIN" "$PY" benchmarks/bench_train.py --device "$DEVICE" \

@@ -118,6 +118,17 @@ def goals(out, dry):
                      ", ".join(f"{c['speedup_vs_eager']:.2f}x (M={c['rows']}, {c['in']}->{c['out']})" for c in big_m),
                      _verdict(big_m[0]["rows"] == 100000 and min(c["speedup_vs_eager"] for c in big_m) >= 2, dry)))
 
+    dec = _load(out, "decoder.json")
+    goal = "bernoulli_log_prob within 1.2x of the bare matmul h W^T (every forward shape)"
+    if dec is None:
+        rows.append(("decoder", goal, "-", MISSING))
+    else:
+        fw = {n: r["op_over_matmul"] for n, r in dec["op"].items() if "op_over_matmul" in r}
+        e2e = dec.get("end_to_end", {})
+        extra = "; ".join(f"{n} x{r['speedup']:.2f} the reference path" for n, r in e2e.items())
+        rows.append(("decoder", goal, ", ".join(f"{v:.2f}x ({n})" for n, v in fw.items())
+                     + (f"; {extra}" if extra else ""), _verdict(bool(fw) and max(fw.values()) <= 1.2, dry)))
+
     ais = _load(out, "ais.json")
     if ais is None:
         rows.append(("ais", ">= 10x the authors' AIS loop at 4,096 chains", "-", MISSING))

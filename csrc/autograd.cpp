@@ -205,11 +205,14 @@ class BernoulliLogProb : public torch::autograd::Function<BernoulliLogProb> {
                             const at::Tensor& b, const at::Tensor& x) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const bool params_grad = h.requires_grad() || w.requires_grad() || b.requires_grad();
-    const int64_t logit_bytes = (w.dim() == 2 ? w.size(0) : 0) *
-                                (h.dim() >= 1 ? h.numel() / std::max<int64_t>(h.size(-1), 1) : 0) *
-                                static_cast<int64_t>(h.element_size());
+    // sizes may be symbolic (torch.compile's dynamic shapes): the comparison guards on them
+    bool keep = false;
+    if (params_grad && h.dim() >= 1 && w.dim() == 2) {
+      const c10::SymInt rows = h.sym_numel() / std::max<c10::SymInt>(h.sym_size(-1), c10::SymInt(1));
+      keep = rows * w.sym_size(0) * static_cast<int64_t>(h.element_size()) <= kKeepDlogitBytes;
+    }
     at::Tensor out, dlogit;
-    if (params_grad && logit_bytes <= kKeepDlogitBytes)
+    if (keep)
       std::tie(out, dlogit) = call_bernoulli_log_prob_dlogit(h, w, b, x);
     else
       out = call_bernoulli_log_prob(h, w, b, x);
@@ -227,10 +230,9 @@ class BernoulliLogProb : public torch::autograd::Function<BernoulliLogProb> {
                              ctx->needs_input_grad(2)};
     at::Tensor dh, dw, db, dx;
     if (dlogit.defined()) {
-      const int64_t D = w.size(0), H = w.size(1), M = g.numel();
-      const at::Tensor e = dlogit.reshape({M, D}), g1 = g.reshape({M});
-      if (mask[0]) dh = at::mm(e, w).mul_(g1.unsqueeze(1)).view(h.sizes());
-      if (mask[1]) dw = at::mm(e.t(), at::mul(h.reshape({M, H}), g1.unsqueeze(1)));
+      const at::Tensor e = dlogit.flatten(0, -2), g1 = g.reshape(-1), h2 = h.flatten(0, -2);
+      if (mask[0]) dh = at::mm(e, w).mul_(g1.unsqueeze(1)).view_as(h);
+      if (mask[1]) dw = at::mm(e.t(), at::mul(h2, g1.unsqueeze(1)));
       if (mask[2]) db = at::mv(e.t(), g1);
     } else if (mask[0] || mask[1] || mask[2]) {
       std::tie(dh, dw, db) = call_bernoulli_log_prob_backward(g, h, w, b, x, mask);

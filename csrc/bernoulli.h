@@ -8,8 +8,8 @@
 //   x l - softplus(l) = (x - [l > 0]) l - log1p(e)
 // (x - 1 is exact for x in [1/2, 1], so binary data lose nothing). Its derivative in l is
 //   x - sigmoid(l),  sigmoid(l) = 1 / (1 + e) for l >= 0, e / (1 + e) otherwise.
-// `M` supplies exp and log1p on [0, 1] for the device (the CPU's vectorisable polynomials,
-// CUDA's libdevice functions).
+// `M` supplies exp on (-inf, 0] and log1p on [0, 1] for the device (the CPU's vectorisable
+// polynomials, CUDA's libdevice functions).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -30,13 +30,13 @@ namespace iwae_ext {
 template <typename T, typename M>
 IWAE_BERN_INLINE T bern_term(T l, T x, M m) {
   const T a = l > T(0) ? l : -l;
-  return (x - (l > T(0) ? T(1) : T(0))) * l - m.log1p_unit(m.exp(-a));
+  return (x - (l > T(0) ? T(1) : T(0))) * l - m.log1p_unit(m.exp_nonpos(-a));
 }
 
 template <typename T, typename M>
 IWAE_BERN_INLINE T bern_dlogit(T l, T x, M m) {
   const T a = l > T(0) ? l : -l;
-  const T e = m.exp(-a);
+  const T e = m.exp_nonpos(-a);
   const T r = T(1) / (T(1) + e);
   return x - (l >= T(0) ? r : e * r);
 }
@@ -45,7 +45,7 @@ IWAE_BERN_INLINE T bern_dlogit(T l, T x, M m) {
 template <typename T, typename M>
 IWAE_BERN_INLINE void bern_term_dlogit(T l, T x, M m, T* term, T* dlogit) {
   const T a = l > T(0) ? l : -l;
-  const T e = m.exp(-a);
+  const T e = m.exp_nonpos(-a);
   const T r = T(1) / (T(1) + e);
   *term = (x - (l > T(0) ? T(1) : T(0))) * l - m.log1p_unit(e);
   *dlogit = x - (l >= T(0) ? r : e * r);
@@ -71,15 +71,16 @@ BernArgs bern_args(const at::Tensor& h, const at::Tensor& weight, const at::Tens
 at::Tensor bern_grad_out(const at::Tensor& grad_out, const at::Tensor& h, const BernArgs& a,
                          const char* op);
 
-// Rows per block of the blocked kernels: the fewest blocks of at most `bytes` of logits each,
-// but at least `min_blocks` (one per thread: each block is one matrix product, and a product
-// of few rows spends more of its time packing the weight), of near-equal sizes, a multiple of
-// 8 rows.
+// Rows per block of the blocked kernels: blocks of at most `bytes` of logits each, their
+// number a multiple of `threads` (the blocks are shared out evenly: each is one matrix product,
+// and a product of few rows spends more of its time packing the weight), of near-equal sizes,
+// a multiple of 8 rows.
 inline int64_t bern_block_rows(int64_t M, int64_t D, int64_t elem_size, int64_t bytes,
-                               int64_t min_blocks) {
+                               int64_t threads) {
   const int64_t row_bytes = (D > 0 ? D : 1) * elem_size;
+  if (threads < 1) threads = 1;
   int64_t blocks = (M * row_bytes + bytes - 1) / bytes;
-  if (blocks < min_blocks) blocks = min_blocks;
+  blocks = (blocks + threads - 1) / threads * threads;
   if (blocks < 1) blocks = 1;
   const int64_t r = (M + blocks - 1) / blocks;
   return r < 8 ? 8 : (r + 7) / 8 * 8;

@@ -37,23 +37,31 @@ constexpr int64_t kBackwardBytes = 512 << 10;
 
 struct CpuMath {
   template <typename T>
-  IWAE_INLINE T exp(T v) const { return cpu_math::fast_exp(v); }
+  IWAE_INLINE T exp_nonpos(T v) const { return cpu_math::exp_nonpos(v); }
   template <typename T>
   IWAE_INLINE T log1p_unit(T e) const { return cpu_math::log1p_unit(e); }
 };
 
-// One row: l holds h_m W^T (without the bias). kValue: returns sum_d of the terms (double);
-// kGrad: overwrites l with g (x - sigmoid(l + bias)). The last D % kLanes columns go through
-// the same vector code from padded local arrays.
+// One row: l holds h_m W^T (without the bias). kValue: returns sum_d of the terms; kGrad:
+// overwrites l with g (x - sigmoid(l + bias)). The terms are summed in 64-byte lanes of the
+// element type over runs of kRun vectors, each run's lanes then added into lanes of double (a
+// fixed order, whatever the ISA; few conversions). The last D % kLanes columns go through the
+// same vector code from padded local arrays.
 template <typename T, bool kValue, bool kGrad>
 IWAE_INLINE double row_epilogue(T* __restrict__ l, const T* __restrict__ bias,
                                 const T* __restrict__ x, T g, int64_t D) {
   constexpr int kLanes = 64 / sizeof(T);
+  constexpr int64_t kRun = 8;
   const CpuMath m;
   double acc[kLanes];
+  T part[kLanes];
 #pragma omp simd
-  for (int j = 0; j < kLanes; ++j) acc[j] = 0.0;
+  for (int j = 0; j < kLanes; ++j) {
+    acc[j] = 0.0;
+    part[j] = T(0);
+  }
   int64_t d = 0;
+  int64_t in_run = 0;
   for (; d + kLanes <= D; d += kLanes) {
     T* __restrict__ lp = l + d;
     const T* __restrict__ bp = bias + d;
@@ -64,13 +72,21 @@ IWAE_INLINE double row_epilogue(T* __restrict__ l, const T* __restrict__ bias,
       if constexpr (kValue && kGrad) {
         T t, dl;
         bern_term_dlogit(lv, xp[j], m, &t, &dl);
-        acc[j] += static_cast<double>(t);
+        part[j] += t;
         lp[j] = g * dl;
       } else if constexpr (kValue) {
-        acc[j] += static_cast<double>(bern_term(lv, xp[j], m));
+        part[j] += bern_term(lv, xp[j], m);
       } else {
         lp[j] = g * bern_dlogit(lv, xp[j], m);
       }
+    }
+    if (kValue && ++in_run == kRun) {
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) {
+        acc[j] += static_cast<double>(part[j]);
+        part[j] = T(0);
+      }
+      in_run = 0;
     }
   }
   const int64_t n = D - d;
@@ -91,14 +107,15 @@ IWAE_INLINE double row_epilogue(T* __restrict__ l, const T* __restrict__ bias,
       } else {
         dl = bern_dlogit(lt[j], xt[j], m);
       }
-      acc[j] += j < n ? static_cast<double>(t) : 0.0;
+      part[j] += j < n ? t : T(0);
       et[j] = g * dl;
     }
     if constexpr (kGrad)
       for (int64_t j = 0; j < n; ++j) l[d + j] = et[j];
   }
   double s = 0.0;
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  if constexpr (kValue)
+    for (int j = 0; j < kLanes; ++j) s += acc[j] + static_cast<double>(part[j]);
   return s;
 }
 
@@ -142,14 +159,10 @@ IWAE_BERN_CLONES(float)
 IWAE_BERN_CLONES(double)
 #undef IWAE_BERN_CLONES
 
-void check_cpu(const at::Tensor& h, const char* op) {
-  TORCH_CHECK(h.device().is_cpu(), op, ": the CPU kernel got h on ", h.device());
-}
 
 at::Tensor forward_cpu(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                        const at::Tensor& x) {
   constexpr const char* op = "bernoulli_log_prob";
-  check_cpu(h, op);
   const BernArgs a = bern_args(h, weight, bias, x, op);
   at::Tensor out = at::empty({a.M}, a.h.options());
   if (a.M == 0) return out.view(a.out_shape);
@@ -230,7 +243,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
                                                             const at::Tensor& x,
                                                             std::array<bool, 3> mask) {
   constexpr const char* op = "bernoulli_log_prob_backward";
-  check_cpu(h, op);
   const BernArgs a = bern_args(h, weight, bias, x, op);
   GradResult r = grad_cpu(a, bern_grad_out(grad_out, h, a, op), false, mask[0], mask[1], mask[2]);
   if (mask[0]) r.dh = r.dh.view(h.sizes());
@@ -241,7 +253,6 @@ std::tuple<at::Tensor, at::Tensor> grad_h_cpu(const at::Tensor& h, const at::Ten
                                               const at::Tensor& bias, const at::Tensor& x,
                                               bool value) {
   constexpr const char* op = "bernoulli_log_prob_grad_h";
-  check_cpu(h, op);
   const BernArgs a = bern_args(h, weight, bias, x, op);
   GradResult r = grad_cpu(a, at::Tensor(), value, true, false, false);
   at::Tensor v = value ? r.value.view(a.out_shape) : at::empty({0}, a.h.options());
@@ -251,7 +262,6 @@ std::tuple<at::Tensor, at::Tensor> grad_h_cpu(const at::Tensor& h, const at::Ten
 std::tuple<at::Tensor, at::Tensor> dlogit_cpu(const at::Tensor& h, const at::Tensor& weight,
                                               const at::Tensor& bias, const at::Tensor& x) {
   constexpr const char* op = "bernoulli_log_prob_dlogit";
-  check_cpu(h, op);
   const BernArgs a = bern_args(h, weight, bias, x, op);
   at::Tensor keep = at::empty({a.M, a.D}, a.h.options());
   GradResult r = grad_cpu(a, at::Tensor(), true, false, false, false, keep);

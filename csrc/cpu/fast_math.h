@@ -114,6 +114,38 @@ struct FastExp {
   IWAE_INLINE T operator()(T x) const { return fast_exp(x); }
 };
 
+// exp(x) for x <= 0 (NaN passes through), cheaper than fast_exp: results below the smallest
+// normal number are 0 (x < lo: the Bernoulli terms they enter are then below 1e-38 or 1e-308
+// absolute), so 2^n is built in one step; float takes Cephes' degree-5 minimax polynomial of
+// expf on |r| <= ln(2)/2 (within 1-2 ulp) instead of the Taylor series.
+IWAE_INLINE float exp_reduced_minimax(float r) {
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return (p * r) * r + r + 1.0f;
+}
+
+IWAE_INLINE double exp_reduced_minimax(double r) { return exp_reduced(r); }
+
+template <typename T>
+IWAE_INLINE T exp_nonpos(T x) {
+  using C = ExpConstants<T>;
+  using bits_t = typename C::bits_t;
+  // the smallest x whose exp is a normal number: -87.3 (float), -708.4 (double)
+  constexpr T lo = sizeof(T) == 8 ? T(-708.3964185322641) : T(-87.33654475f);
+  const T xc = x < lo ? lo : x;  // NaN passes through
+  const T t = xc * C::log2e + C::round_magic;
+  const T n = t - C::round_magic;
+  const T r = (xc - n * C::ln2_hi) - n * C::ln2_lo;
+  const bits_t ni = to_bits(t) - to_bits(C::round_magic);
+  const T scale = from_bits<T>((ni + static_cast<bits_t>(C::bias)) << C::mantissa_bits);
+  const T e = exp_reduced_minimax(r) * scale;
+  return x < lo ? T(0) : e;
+}
+
 // log(1 + e) for e in [0, 1] (NaN passes through), branch-free and, in float, division-free:
 // 1 + e = 2^k (1 + t) with k = 0, t = e for e <= sqrt 2 - 1 and k = 1, t = (e - 1) / 2
 // otherwise (t in [1/sqrt 2 - 1, sqrt 2 - 1]; t is e itself or exact to half an ulp, so tiny e
