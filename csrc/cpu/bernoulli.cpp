@@ -1,16 +1,17 @@
 // CPU kernels of the fused Bernoulli output layer: float32 and float64.
 //
-// The M = S*B rows of h are cut into blocks of R rows whose [R, D] logits fit in L2
-// (kForwardBytes, kBackwardBytes); a task takes a run of blocks and, per block, forms the
-// logits with one matrix product of the CPU BLAS (h_blk W^T, into a buffer of the task) and
-// reduces them right away while they are in cache: a row's value is summed in 64-byte lanes
-// of double accumulators (a fixed order, whatever the ISA), the element's arithmetic is
-// csrc/bernoulli.h's with the vectorisable exp and log1p of fast_math.h, and each loop is
-// compiled for AVX-512, AVX2 and the baseline ISA (simd.h). The logits are never formed in
-// full. The backward recomputes a block's logits, turns them in place into
-// g (x - sigmoid(l)), and takes d h = E W, d W += E^T h and d bias += colsum E from the
-// block; d W and d bias are summed per task (d bias in double) and the tasks' sums added at
-// the end.
+// The M = S*B rows of h are cut into blocks whose [R, D] logits fit in L2 (kForwardBytes,
+// kBackwardBytes; their number a multiple of the thread count, bern_block_rows); a task takes
+// a run of blocks and, per block, forms the logits with one matrix product of the CPU BLAS
+// (h_blk W^T, into a buffer of the task) and reduces them right away while they are in cache.
+// The element's arithmetic is csrc/bernoulli.h's with the vectorisable exp and log1p of
+// fast_math.h; a row's terms are summed in 64-byte lanes, each run of kRun vectors added into
+// lanes of double (a fixed order, whatever the ISA); each loop is compiled for AVX-512, AVX2
+// and the baseline ISA (simd.h). The logits are never formed in full. The backward recomputes
+// a block's logits, turns them in place into g (x - sigmoid(l)), and takes d h = E W,
+// d W += E^T h and d bias += colsum E from the block; d W and d bias are summed per task
+// (d bias in double) and the tasks' sums added at the end. The same routine, writing its blocks
+// into a full [M, D] tensor instead of a buffer, is the forward that keeps d/dl for autograd.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -232,7 +233,6 @@ GradResult grad_cpu(const BernArgs& a, const at::Tensor& g, bool want_value, boo
   }
   if (want_dw) res.dw = n_tasks == 1 ? dw_parts[0] : dw_parts.sum(0);
   if (want_db) res.db = db_parts.sum(0).to(a.h.scalar_type());
-  if (want_dh && a.M == 0) res.dh.zero_();
   return res;
 }
 

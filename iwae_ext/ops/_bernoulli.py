@@ -1,5 +1,5 @@
 """bernoulli_log_prob: the decoder's output layer and its Bernoulli log-likelihood in one pass
-(DESIGN.md section 3.5)."""
+(DESIGN.md section 3.4)."""
 
 import torch
 from torch import Tensor
