@@ -27,10 +27,10 @@ __all__ = ["Bounds", "iwae_log_likelihood", "bounds", "elbo", "active_units",
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active if Cov_x(E_q[u]) > 0.01
 
-# Rows (samples x data points) per chunk of L_k when max_rows is None. On a CPU a chunk's
-# activations ([rows, 200] per hidden layer) then stay in cache: L_5000 of the default model
-# took 1.13-1.17 s per 100 images at 10,000 rows against 1.34-1.48 s at 50,000 (2-core Xeon,
-# benchmarks/bench_decoder.py); a GPU wants larger products.
+# Rows (samples x data points) per chunk of L_k when max_rows is None. Measured on the 2-core
+# Xeon with the default model (benchmarks/bench_decoder.py, 200 test images): L_5000 took 2.40 s
+# at 10,000 rows, 2.46 s at 2,000 and 2.61 s at 50,000 (and 1.13-1.17 against 1.34-1.48 s per
+# 100 images in a separate run). A GPU wants larger products (not yet measured there).
 DEFAULT_MAX_ROWS = {"cpu": 10_000}
 DEFAULT_MAX_ROWS_OTHER = 50_000
 

@@ -189,7 +189,8 @@ class BernoulliDecoder(nn.Module):
         """Whether :meth:`log_likelihood` takes the fused op for data x and hidden units h."""
         out = self.logits
         return (self.fused and type(out) is nn.Linear and out.bias is not None and x.dim() == 2
-                and h.dim() >= 2 and x.shape[0] == h.shape[-2] and h.dtype in (torch.float32, torch.float64))
+                and h.dim() >= 2 and x.shape[0] == h.shape[-2] and x.dtype == h.dtype
+                and h.dtype in (torch.float32, torch.float64))
 
     def log_likelihood(self, x: Tensor, z: Tensor, detach_params: bool = False) -> Tensor:
         """log p(x|z) for x [B, D], z [..., B, Z]: [..., B]. ``detach_params``: the decoder's
