@@ -325,3 +325,17 @@ def test_reference_ops_switch_reaches_the_decoder(tmp_path):
 def test_exported_names():
     assert "bernoulli_log_prob" in iwae_ext.ops.__all__
     assert "bernoulli_log_prob_grad_h" in iwae_ext.ops.__all__
+
+
+def test_data_of_another_dtype_keeps_the_promoting_path():
+    """log_joint_and_grad with float32 data and a float64 model: the fused op needs one dtype,
+    so the decoder takes the reference path there (as before), with the float64 result."""
+    torch.manual_seed(0)
+    model = VAE(20, (4,), hidden=(8,)).double()
+    x = (torch.rand(5, 20) < 0.5).float()
+    z = torch.randn(5, 4, dtype=torch.float64)
+    v, g = model.log_joint_and_grad(x, z)
+    v2, g2 = model.log_joint_and_grad(x.double(), z)
+    assert v.dtype == torch.float64
+    torch.testing.assert_close(v, v2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, g2, rtol=1e-12, atol=1e-12)
