@@ -201,10 +201,13 @@ constexpr int64_t kKeepDlogitBytes = int64_t(64) << 20;
 // d x = (sum_s g h) W^T + (sum_s g) bias^T over the sample dims.
 class BernoulliLogProb : public torch::autograd::Function<BernoulliLogProb> {
  public:
+  // grad_enabled: the caller's grad mode (forward runs with it off): under torch.no_grad, a
+  // layer whose parameters require grad (an evaluation) keeps nothing
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& w,
-                            const at::Tensor& b, const at::Tensor& x) {
+                            const at::Tensor& b, const at::Tensor& x, bool grad_enabled) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    const bool params_grad = h.requires_grad() || w.requires_grad() || b.requires_grad();
+    const bool params_grad =
+        grad_enabled && (h.requires_grad() || w.requires_grad() || b.requires_grad());
     // sizes may be symbolic (torch.compile's dynamic shapes): the comparison guards on them
     bool keep = false;
     if (params_grad && h.dim() >= 1 && w.dim() == 2) {
@@ -249,13 +252,13 @@ class BernoulliLogProb : public torch::autograd::Function<BernoulliLogProb> {
       }
       dx = at::mm(gh, w.t()).addcmul_(gs.unsqueeze(-1), b.unsqueeze(0));
     }
-    return {dh, dw, db, dx};
+    return {dh, dw, db, dx, at::Tensor()};
   }
 };
 
 at::Tensor bernoulli_log_prob_autograd(const at::Tensor& h, const at::Tensor& w,
                                        const at::Tensor& b, const at::Tensor& x) {
-  return BernoulliLogProb::apply(h, w, b, x);
+  return BernoulliLogProb::apply(h, w, b, x, at::GradMode::is_enabled());
 }
 
 std::tuple<at::Tensor, at::Tensor> call_hmc_leapfrog(const at::Tensor& z, const at::Tensor& p,

@@ -339,3 +339,25 @@ def test_data_of_another_dtype_keeps_the_promoting_path():
     assert v.dtype == torch.float64
     torch.testing.assert_close(v, v2, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g, g2, rtol=1e-12, atol=1e-12)
+
+
+def test_no_grad_keeps_nothing():
+    """Under torch.no_grad (an evaluation) a layer whose parameters require grad runs the plain
+    forward; with grad enabled and a small d/dl, the forward that keeps d/dl."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    h, w, b, x = make((3,), 4, 5, 6)
+    w.requires_grad_()
+    for grad, want in ((False, "iwae_ext.bernoulli_log_prob"), (True, "iwae_ext.bernoulli_log_prob_dlogit")):
+        with torch.set_grad_enabled(grad), Calls() as calls:
+            bernoulli_log_prob(h, w, b, x)
+        assert want in calls.names and ("iwae_ext.bernoulli_log_prob_dlogit" in calls.names) == grad, calls.names
