@@ -23,7 +23,7 @@ from .ops import logmeanexp
 __all__ = ["Bounds", "iwae_log_likelihood", "bounds", "elbo", "active_units",
            "reconstruction_error", "ACTIVE_UNIT_THRESHOLD", "ais_log_likelihood", "AISEstimate",
            "bdmc", "BDMCResult", "simulate", "log_mean_exp_stderr", "reconstruction_error_qiw",
-           "squared_error"]
+           "squared_error", "default_pilot_chains"]
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active if Cov_x(E_q[u]) > 0.01
 
@@ -219,7 +219,8 @@ class AISEstimate:
     log_likelihood: Tensor     # [N] float64, log-mean-exp of each point's chains' weights
     log_weights: Tensor        # [S, N] float64, every chain's log weight
     acceptance_rate: Tensor    # [N] mean over the point's chains
-    step_size: Tensor          # [N] mean final step size over the point's chains
+    step_size: Tensor          # [N] the step size of the point's last transition
+    step_schedule: Tensor | None = None  # [T-1, N] with record_step_sizes: each transition's step
 
     @property
     def stderr(self) -> Tensor:
@@ -234,21 +235,38 @@ def _schedule(schedule: str, num_temps: int) -> Tensor:
     return sigmoid_schedule(num_temps) if schedule == "sigmoid" else linear_schedule(num_temps)
 
 
+def default_pilot_chains(num_chains: int) -> int:
+    """The evaluation's pilot chains per data point: one for every 16 reported chains, at least one."""
+    return max(1, num_chains // 16)
+
+
 def ais_log_likelihood(model, x: Tensor, num_chains: int = 16, num_temps: int = 10000,
                        num_leapfrog: int = 10, schedule: str = "sigmoid", init: str = "posterior",
                        step_size: float = 0.05, target_accept: float = 0.65, batch_size: int = 100,
                        fast_grad: bool = True, generator: torch.Generator | None = None,
                        progress: bool = False, return_details: bool = False, seed: int | None = None,
                        index: Tensor | None = None, reverse_z: Tensor | None = None,
-                       desc: str | None = None):
+                       desc: str | None = None, pilot_chains: int | None = None,
+                       step_schedule: Tensor | None = None, record_step_sizes: bool = False):
     """log p(x) per data point [N] (float64) by annealed importance sampling (Wu et al. 2017).
 
     ``num_chains`` independent AIS chains per point from q(z|x) (``init="posterior"``) or p(z)
     (``init="prior"``) to p(x, z), ``num_temps`` inverse temperatures (``schedule`` "sigmoid",
-    Wu et al.'s, or "linear"), one HMC transition of ``num_leapfrog`` steps per temperature with
-    per-chain step sizes adapted toward ``target_accept``. The estimate is the log-mean-exp of the
-    chains' weights: a stochastic lower bound of log p(x) that tightens as num_temps grows.
-    ``return_details``: an :class:`AISEstimate` with every chain's weight and the diagnostics.
+    Wu et al.'s, or "linear"), one HMC transition of ``num_leapfrog`` steps per temperature. The
+    estimate is the log-mean-exp of the chains' weights: a stochastic lower bound of log p(x)
+    (below it on average over seeds) that tightens as num_temps grows.
+
+    Step sizes: ``pilot_chains`` (default one per 16 chains, :func:`default_pilot_chains`) extra
+    chains per point, on streams of their own, start at ``step_size`` and adapt toward
+    ``target_accept`` on their own history; each point's reported chains take, at every
+    temperature, the mean step size of that point's pilot chains. Their transitions so never
+    depend on their own states, which keeps the weights unbiased (adapting each chain on its own
+    history, as Wu et al. do, put estimates above log p(x) on average). The pilot's chains are
+    not in the estimate; they cost pilot_chains / num_chains more work. ``step_schedule``
+    [T-1, N] fixes every point's step sizes instead (no pilot), e.g. a forward run's
+    ``step_schedule`` through :func:`iwae_ext.samplers.mirrored_schedule` for BDMC's reverse run.
+    ``return_details``: an :class:`AISEstimate` with every chain's weight and the diagnostics
+    (and ``record_step_sizes``: the step size of every point at every transition).
 
     Per-image streams (:mod:`iwae_ext.keyed`): every random number of chain s of image
     ``index[n]`` (default n) at temperature t comes from (seed, index[n], s, t), so an image's
@@ -262,9 +280,23 @@ def ais_log_likelihood(model, x: Tensor, num_chains: int = 16, num_temps: int = 
     index = _index(index, x.shape[0], "ais_log_likelihood")
     seed = resolve_seed(seed, generator)
     betas = _schedule(schedule, num_temps)
+    if step_schedule is not None:
+        if not isinstance(step_schedule, Tensor) or step_schedule.shape != (num_temps - 1, x.shape[0]):
+            raise ValueError(f"ais_log_likelihood: step_schedule must be a tensor of shape "
+                             f"[num_temps - 1, N] = [{num_temps - 1}, {x.shape[0]}], got "
+                             f"{getattr(step_schedule, 'shape', type(step_schedule).__name__)}")
+        if pilot_chains:
+            raise ValueError("ais_log_likelihood: step_schedule fixes the step sizes; pilot_chains adapts them")
+        pilot = 0
+    elif pilot_chains is None:
+        pilot = default_pilot_chains(num_chains)
+    elif isinstance(pilot_chains, int) and not isinstance(pilot_chains, bool) and pilot_chains >= 1:
+        pilot = pilot_chains
+    else:
+        raise ValueError(f"ais_log_likelihood: pilot_chains must be a positive int (or None), got {pilot_chains!r}")
     p = _Param(model, x)
     with _protocol.evaluation_mode(model):
-        rows, weights, rates, steps = [], [], [], []
+        rows, weights, rates, steps, schedules = [], [], [], [], []
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -274,22 +306,27 @@ def ais_log_likelihood(model, x: Tensor, num_chains: int = 16, num_temps: int = 
                 xb = x[start:start + batch_size].to(device=p.device, dtype=p.dtype)
                 b = xb.shape[0]
                 noise = KeyedNoise(seed, index[start:start + batch_size], p.device)
-                dens = model_ais_densities(model, xb, num_chains, init, fast_grad, noise)
+                dens = model_ais_densities(model, xb, num_chains, init, fast_grad, noise, pilot)
+                fixed = None if step_schedule is None else step_schedule[:, start:start + batch_size]
+                kw = dict(grad_fn=dens.grad_fn, generator=noise, pilot_chains=pilot,
+                          temperature_step_sizes=fixed, record_step_sizes=record_step_sizes)
                 if reverse_z is None:
-                    res = ais(None, None, dens.z0, betas, num_leapfrog, step_size, target_accept,
-                              grad_fn=dens.grad_fn, generator=noise)
+                    res = ais(None, None, dens.z0, betas, num_leapfrog, step_size, target_accept, **kw)
                 else:
                     def backwards(zz, f=dens.grad_fn):
                         li, lt, gi, gt = f(zz)
                         return lt, li, gt, gi  # the target is the start, q(z|x) the end
 
                     zb = reverse_z[start:start + batch_size].to(device=p.device, dtype=p.dtype)
-                    res = ais(None, None, zb.repeat(num_chains, 1), betas, num_leapfrog, step_size,
-                              target_accept, grad_fn=backwards, generator=noise, reverse=True)
+                    kw["grad_fn"] = backwards
+                    res = ais(None, None, zb.repeat(num_chains + pilot, 1), betas, num_leapfrog, step_size,
+                              target_accept, reverse=True, **kw)
                 rows.append(res.log_normalizer(b).cpu())
                 weights.append(res.log_weights.view(num_chains, b).cpu())
                 rates.append(res.acceptance_rate.view(num_chains, b).mean(0).cpu())
-                steps.append(res.step_size.double().view(num_chains, b).mean(0).cpu())
+                steps.append(res.step_size.double().view(num_chains, b)[0].cpu())
+                if record_step_sizes:
+                    schedules.append(res.step_schedule.cpu())
                 if bar is not None:
                     bar.update(b)
         finally:
@@ -298,7 +335,8 @@ def ais_log_likelihood(model, x: Tensor, num_chains: int = 16, num_temps: int = 
     ll = torch.cat(rows)
     if not return_details:
         return ll
-    return AISEstimate(ll, torch.cat(weights, 1), torch.cat(rates), torch.cat(steps))
+    return AISEstimate(ll, torch.cat(weights, 1), torch.cat(rates), torch.cat(steps),
+                       torch.cat(schedules, 1) if record_step_sizes else None)
 
 
 @dataclass
@@ -346,7 +384,9 @@ def bdmc(model, num_points: int = 100, num_chains: int = 16, num_temps: int = 10
 
     Forward AIS (q(z|x) -> p(x, z)) gives a stochastic lower bound; reverse AIS (p(z|x) -> q(z|x),
     starting every chain at the z that generated x, an exact posterior sample) estimates 1/p(x)
-    without bias, so minus its log-mean-exp is a stochastic upper bound. The points are drawn
+    without bias, so minus its log-mean-exp is a stochastic upper bound. The forward run's step
+    sizes come from its pilot chains (see :func:`ais_log_likelihood`); the reverse run uses them
+    mirrored (:func:`iwae_ext.samplers.mirrored_schedule`), the same kernels in reverse order. The points are drawn
     with ``generator``; the AIS runs use per-point streams under ``seed`` (None: one draw from
     ``generator``), so ``points`` (indices into the simulated set, e.g. one process's share)
     gives each point the values it has in the whole run.
@@ -357,8 +397,11 @@ def bdmc(model, num_points: int = 100, num_chains: int = 16, num_temps: int = 10
     x, z = x[index.to(x.device)], z[index.to(z.device)]
     common = (num_chains, num_temps, num_leapfrog, schedule, "posterior", step_size, target_accept,
               batch_size, fast_grad)
-    fwd = ais_log_likelihood(model, x, *common, return_details=True, seed=seed, index=index)
-    rev = ais_log_likelihood(model, x, *common, return_details=True, seed=seed, index=index, reverse_z=z)
+    from .samplers import mirrored_schedule
+    fwd = ais_log_likelihood(model, x, *common, return_details=True, seed=seed, index=index,
+                             record_step_sizes=True)
+    rev = ais_log_likelihood(model, x, *common, return_details=True, seed=seed, index=index, reverse_z=z,
+                             step_schedule=mirrored_schedule(fwd.step_schedule))
     return BDMCResult(x.cpu(), z.cpu(), fwd.log_likelihood, -rev.log_likelihood,
                       log_mean_exp_stderr(fwd.log_weights), log_mean_exp_stderr(rev.log_weights))
 

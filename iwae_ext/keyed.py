@@ -25,7 +25,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-__all__ = ["KeyedNoise", "keyed_draws", "resolve_seed", "STREAMS"]
+__all__ = ["KeyedNoise", "keyed_draws", "resolve_seed", "STREAMS", "PILOT_ROW"]
 
 # One stream per purpose (0-255). Draws inside keyed_draws take 0, 1, 2, ... in program order.
 STREAMS = {
@@ -38,6 +38,9 @@ STREAMS = {
     "binarize": 132,        # training: the dynamic binarisation of an image (step = epoch)
 }
 _MAX_DRAWS = 64
+# The first row (chain) of an AIS pilot's numbers: its chains never share a row with a reported
+# chain, whatever the number of reported chains.
+PILOT_ROW = 1 << 31
 
 
 def resolve_seed(seed: int | None, generator: torch.Generator | None = None) -> int:
@@ -94,12 +97,13 @@ class KeyedNoise:
                              f"chains (chain c = s * B + b), got {chains}")
         return chains // self.batch
 
-    def chain_normal(self, chains: int, dim: int, stream: int, step, dtype) -> Tensor:
-        """[C, dim] normals for C = S * B chains (chain s * B + b is image b's s-th)."""
-        return self.normal(self.rows_of(chains), dim, stream, step, 0, dtype).reshape(chains, dim)
+    def chain_normal(self, chains: int, dim: int, stream: int, step, dtype, row_start: int = 0) -> Tensor:
+        """[C, dim] normals for C = S * B chains (chain s * B + b is image b's s-th, keyed as row
+        ``row_start + s``)."""
+        return self.normal(self.rows_of(chains), dim, stream, step, row_start, dtype).reshape(chains, dim)
 
-    def chain_uniform(self, chains: int, stream: int, step, dtype) -> Tensor:
-        return self.uniform(self.rows_of(chains), 1, stream, step, 0, dtype).reshape(chains)
+    def chain_uniform(self, chains: int, stream: int, step, dtype, row_start: int = 0) -> Tensor:
+        return self.uniform(self.rows_of(chains), 1, stream, step, row_start, dtype).reshape(chains)
 
 
 class _Draws:

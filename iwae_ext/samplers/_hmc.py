@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..keyed import STREAMS, KeyedNoise, check_generator
+from ..keyed import PILOT_ROW, STREAMS, KeyedNoise, check_generator
 from ..ops import hmc_accept, hmc_leapfrog
 
 LogDensity = Callable[[Tensor], Tensor]
@@ -126,6 +126,7 @@ class _Trajectory:
         self.adapt = bool(adapt)
         self.settings = settings
         self.generator = generator
+        self.pilot = None  # a _Pilot: the reported chains take its step sizes
 
     @staticmethod
     def potential(cache, beta):
@@ -135,16 +136,26 @@ class _Trajectory:
         # -(li + beta (lt - li)): lerp keeps it one kernel per tensor, beta a 0-d tensor
         return -torch.lerp(li, lt, beta), -torch.lerp(gi, gt, beta)
 
+    def _keyed(self, draw, rows):
+        """A KeyedNoise's numbers for every row: the reported chains from rows 0.., the pilot's
+        from rows PILOT_ROW.. (so they do not change with the number of reported chains)."""
+        if self.pilot is None:
+            return draw(rows, 0)
+        n = self.pilot.reported
+        return torch.cat([draw(n, 0), draw(rows - n, PILOT_ROW)])
+
     def _momentum(self, z, t):
         g = self.generator
         if isinstance(g, KeyedNoise):
-            return g.chain_normal(z.shape[0], z.shape[1], self.streams[0], t, z.dtype)
+            return self._keyed(lambda n, r0: g.chain_normal(n, z.shape[1], self.streams[0], t, z.dtype, r0),
+                               z.shape[0])
         return torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=g)
 
     def _log_uniform(self, z, t):
         g = self.generator
         if isinstance(g, KeyedNoise):
-            return g.chain_uniform(z.shape[0], self.streams[1], t, z.dtype).log_()
+            return self._keyed(lambda n, r0: g.chain_uniform(n, self.streams[1], t, z.dtype, r0),
+                               z.shape[0]).log_()
         return torch.rand(z.shape[0], dtype=z.dtype, device=z.device, generator=g).log_()
 
     def transition(self, z, cache, beta, step, avg, t=0):
@@ -174,21 +185,24 @@ class _Trajectory:
         acc2 = acc.unsqueeze(-1)
         cache = tuple(None if old is None else torch.where(acc2 if old.dim() == 2 else acc, n, old)
                       for old, n in zip(cache, new))
-        return res.z, cache, acc, res.step_size, res.accept_avg
+        step = res.step_size if self.pilot is None else self.pilot.share(res.step_size)
+        return res.z, cache, acc, step, res.accept_avg
 
 
 @dataclass
 class AISResult:
-    """What :func:`ais` returns. ``log_weights`` [C] (float64): log Z is estimated by their
-    log-mean-exp over chains (:meth:`log_normalizer`); ``z`` [C, D] the final states;
-    ``acceptance_rate`` [C] the fraction of accepted transitions; ``step_size`` [C] the final
-    (adapted) step sizes."""
+    """What :func:`ais` returns, for the reported chains (a pilot's are not among them).
+    ``log_weights`` [C] (float64): log Z is estimated by their log-mean-exp over chains
+    (:meth:`log_normalizer`); ``z`` [C, D] the final states; ``acceptance_rate`` [C] the fraction
+    of accepted transitions; ``step_size`` [C] the step sizes of the last transition."""
 
     log_weights: Tensor
     z: Tensor
     acceptance_rate: Tensor
     step_size: Tensor
     acceptance_per_temperature: Tensor | None = None  # [T-1], with temperature_step_sizes
+    step_schedule: Tensor | None = None  # [T-1, G] with record_step_sizes: the steps group g used
+    pilot_acceptance_rate: Tensor | None = None  # [P * G] with pilot_chains
 
     def log_normalizer(self, num_groups: int = 1) -> Tensor:
         """log-mean-exp of the weights over chains; with ``num_groups`` = G the chains are read as
@@ -201,40 +215,92 @@ class AISResult:
         return logmeanexp(self.log_weights.view(c // num_groups, num_groups), 0)
 
 
+def mirrored_schedule(step_schedule: Tensor) -> Tensor:
+    """The step sizes [T-1, ...] of a forward AIS run, rearranged for the reverse run over the
+    same symmetric schedule (``betas[T-1-t] = 1 - betas[t]``, as :func:`linear_schedule` and
+    :func:`sigmoid_schedule` are): reverse transition t targets the density of forward transition
+    T-1-t and takes its step size; the last reverse transition (at q itself, where the forward
+    run has none) takes the first forward one's. BDMC's upper bound runs with it, so both
+    directions use the same kernels (Grosse et al. 2015)."""
+    if not isinstance(step_schedule, Tensor) or step_schedule.dim() < 1 or step_schedule.shape[0] < 1:
+        raise ValueError("mirrored_schedule: step_schedule must be a tensor [T-1, ...]")
+    return torch.cat([step_schedule[:-1].flip(0), step_schedule[:1]])
+
+
+class _Pilot:
+    """The pilot of :func:`ais`: the last P * G rows of the state adapt their step sizes on their
+    own history; every reported chain of group g takes, at each temperature, the mean step size
+    of group g's pilot chains. The reported chains' kernels then depend on the pilot's random
+    numbers only, never on their own states, so their weights stay unbiased."""
+
+    def __init__(self, reported: int, pilot: int, groups: int):
+        self.reported, self.pilot, self.groups = reported, pilot, groups
+
+    def share(self, step: Tensor) -> Tensor:
+        g = self.groups
+        mean = step[self.reported:].view(self.pilot, g).mean(0)
+        return torch.cat([mean.repeat(self.reported // g), step[self.reported:]])
+
+
 def ais(log_init: LogDensity | None, log_target: LogDensity | None, z0: Tensor, betas,
-        num_leapfrog: int = 10, step_size=0.1, target_accept: float = 0.65, adapt_step_size: bool = True,
+        num_leapfrog: int = 10, step_size=0.1, target_accept: float = 0.65, adapt_step_size: bool = False,
         grad_fn=None, generator: torch.Generator | None = None,
         adaptation: StepSizeAdaptation | None = None,
         temperature_step_sizes: Tensor | None = None, cuda_graph: bool | None = None,
-        reverse: bool = False) -> AISResult:
+        reverse: bool = False, pilot_chains: int = 0, num_groups: int | None = None,
+        record_step_sizes: bool = False) -> AISResult:
     """Annealed importance sampling from log_init to log_target with HMC transitions.
 
     Args:
         log_init: z [C, D] -> [C], the normalised initial log-density (z0 must be drawn from it).
         log_target: z [C, D] -> [C], the unnormalised target log-density.
-        z0: [C, D] initial states, one per chain (float32 or float64).
+        z0: [C, D] initial states, one per chain (float32 or float64), independent draws from
+            the initial density; with ``pilot_chains`` = P its last P * G rows are the pilot's.
         betas: inverse temperatures, a 1-D sequence or tensor from 0 to 1, non-decreasing
             (:func:`linear_schedule`, :func:`sigmoid_schedule`), at least two.
         num_leapfrog: leapfrog steps per HMC transition.
-        step_size: initial step size, a number or a [C] tensor.
-        target_accept, adapt_step_size, adaptation: per-chain step-size adaptation toward the
-            target acceptance (:class:`StepSizeAdaptation`).
+        step_size: the step size (initial step size of an adapting chain), a number or a tensor
+            with one per row of z0.
+        pilot_chains: P > 0 runs P pilot chains per group beside the reported ones (the last
+            P * G rows of z0, laid out like the others: row c = s * G + g is group g's; a
+            KeyedNoise keys them as chains ``PILOT_ROW`` + p, apart from any reported chain). The
+            pilot chains adapt their step sizes toward ``target_accept`` on their own history
+            (``adaptation``); every reported chain of group g takes, at each temperature, the
+            mean step size of group g's pilot chains at that temperature. The reported chains'
+            transitions then never depend on their own states, and their weights estimate Z
+            without bias. The pilot's weights are not reported. The evaluation
+            (:func:`iwae_ext.evaluate.ais_log_likelihood`) runs this way.
+        num_groups: G, the groups whose chains share a pilot (e.g. data points, chains laid out
+            c = s * G + g); default the KeyedNoise's image count, else 1.
+        target_accept, adaptation: the acceptance the pilot's step sizes adapt toward, and how
+            (:class:`StepSizeAdaptation`, Wu et al.'s values by default).
+        adapt_step_size: True adapts every chain's step size on that chain's own history (Wu et
+            al. 2017's kernel). **This biases the estimate**: the transitions then depend on the
+            chain's past states, the sequence of kernels is no longer fixed in advance, and the
+            weights no longer estimate Z without bias; on a 2-D-latent model whose log p(x) a
+            dense grid gives, log-estimates sat above the exact value by 0.03 nats per image on
+            average (a "lower bound" that is not one). Use ``pilot_chains`` for adapted step
+            sizes; this option is kept for reproducing that kernel.
         grad_fn: optional z -> (log_init(z), log_target(z), grad log_init(z), grad log_target(z))
             replacing autograd (e.g. :func:`iwae_ext.samplers.model_ais_densities`); then
             log_init and log_target may be None. If it also has a method ``grads_only(z) ->
             (grad log_init, grad log_target)``, that is used inside trajectories, where the
-            density values are not needed.
+            density values are not needed. It is called on all rows of z0, the pilot's included.
         generator: for the momenta and the uniforms (on z0's device): a torch.Generator, or an
             :class:`iwae_ext.keyed.KeyedNoise` for B images whose chains are laid out
             c = s * B + b (every number then keyed by image, chain and temperature, so an
             image's result does not depend on the other chains in the run).
-        temperature_step_sizes: optional [T-1] tensor, one step size per temperature shared by
-            all chains (as AIWAE keeps them across training steps, paper 004); replaces step_size,
-            no adaptation within the run, and the result has each temperature's mean acceptance.
+        temperature_step_sizes: optional fixed step sizes, [T-1] (one per transition, shared by
+            all chains, as AIWAE keeps them across training steps, paper 004) or [T-1, G] (one
+            per transition and group, e.g. a forward run's ``step_schedule`` mirrored for a
+            reverse run); replaces step_size; the result has each temperature's mean acceptance.
         cuda_graph: capture one temperature in a CUDA graph and replay it (CUDA only); default:
             on for CUDA tensors with a ``grad_fn`` (autograd's gradient is not captured).
         reverse: draw from the reverse-AIS streams of a KeyedNoise (BDMC's upper bound runs the
             same images backwards and must not reuse the forward run's numbers).
+        record_step_sizes: return ``step_schedule`` [T-1, G], the step size group g's reported
+            chains used at each transition (for :func:`mirrored_schedule`; needs equal step
+            sizes within a group: a pilot, a fixed schedule or a scalar step_size).
 
     At each temperature t = 1..T-1 the weights get ``(beta_t - beta_{t-1}) (log_target - log_init)``
     at the current states, then one HMC transition leaves the intermediate density
@@ -254,19 +320,41 @@ def ais(log_init: LogDensity | None, log_target: LogDensity | None, z0: Tensor, 
         raise ValueError(f"ais: betas must be a 1-D schedule of at least two values, got shape {tuple(betas.shape)}")
     if not (betas[0] == 0 and betas[-1] == 1 and bool((betas[1:] >= betas[:-1]).all())):
         raise ValueError("ais: betas must run from 0 to 1 and be non-decreasing")
+    groups = _num_groups(num_groups, generator)
+    rows = z0.shape[0]
+    if not isinstance(pilot_chains, int) or isinstance(pilot_chains, bool) or pilot_chains < 0:
+        raise ValueError(f"ais: pilot_chains must be an int >= 0, got {pilot_chains!r}")
+    if rows % groups or rows <= pilot_chains * groups:
+        raise ValueError(f"ais: z0 must have a multiple of num_groups ({groups}) rows, more than the "
+                         f"pilot's pilot_chains * num_groups = {pilot_chains * groups}; got {rows}")
+    reported = rows - pilot_chains * groups
+    pilot = _Pilot(reported, pilot_chains, groups) if pilot_chains else None
+    if pilot is not None and adapt_step_size:
+        raise ValueError("ais: adapt_step_size=True (every chain on its own history) and pilot_chains "
+                         "(the reported chains on the pilot's) exclude each other")
     fixed = temperature_step_sizes
     if fixed is not None:
-        if not isinstance(fixed, Tensor) or fixed.shape != (betas.numel() - 1,):
-            raise ValueError(f"ais: temperature_step_sizes must be a tensor of shape [{betas.numel() - 1}] "
-                             f"(one per transition), got {getattr(fixed, 'shape', type(fixed).__name__)}")
+        if pilot is not None:
+            raise ValueError("ais: temperature_step_sizes fixes the step sizes; pilot_chains adapts them")
+        n = betas.numel() - 1
+        if not isinstance(fixed, Tensor) or fixed.shape not in ((n,), (n, groups)):
+            raise ValueError(f"ais: temperature_step_sizes must be a tensor of shape [{n}] (one per "
+                             f"transition) or [{n}, {groups}] (and per group), got "
+                             f"{getattr(fixed, 'shape', type(fixed).__name__)}")
         fixed = _to_device(fixed.detach().to(dtype=z0.dtype), z0.device)
+        if fixed.dim() == 2:  # [T-1, G] -> per row, c = s * G + g
+            fixed = fixed.repeat(1, rows // groups)
         adapt_step_size = False
         step_size = 1.0
+    if record_step_sizes and adapt_step_size:
+        raise ValueError("ais: record_step_sizes needs one step size per group (a pilot or a fixed "
+                         "schedule), not per-chain adaptation")
     step = _per_chain(step_size, "step_size", z0, fn)
     streams = ((STREAMS["reverse_momentum"], STREAMS["reverse_uniform"]) if reverse
                else (STREAMS["ais_momentum"], STREAMS["ais_uniform"]))
-    traj = _Trajectory(grad_fn, num_leapfrog, target_accept, adapt_step_size,
+    traj = _Trajectory(grad_fn, num_leapfrog, target_accept, adapt_step_size or pilot is not None,
                        adaptation or StepSizeAdaptation(), generator, streams)
+    traj.pilot = pilot
     if cuda_graph is None:
         cuda_graph = z0.is_cuda and user_grad_fn
     if cuda_graph and not z0.is_cuda:
@@ -276,28 +364,43 @@ def ais(log_init: LogDensity | None, log_target: LogDensity | None, z0: Tensor, 
         betas_dev = _to_device(betas, z.device)
         betas_z = betas_dev.to(z.dtype)
         dbeta = betas_dev[1:] - betas_dev[:-1]
+        if pilot is not None:
+            step = pilot.share(step)
         avg = torch.full_like(step, float(target_accept))
         accepted = torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
         log_w = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
         per_temp = None if fixed is None else torch.empty(betas.numel() - 1, dtype=torch.float64,
                                                           device=z.device)
+        record = (torch.empty(betas.numel() - 1, groups, dtype=z.dtype, device=z.device)
+                  if record_step_sizes else None)
         cache = grad_fn(z)
         if cuda_graph:
             with torch.cuda.device(z.device):  # capture and replay on z's device, not the current one
                 z, step = _ais_graphed(traj, z, cache, step, avg, log_w, accepted, per_temp, betas_z, dbeta,
-                                       fixed)
+                                       fixed, record, reported)
         else:
             for t in range(1, betas.numel()):
                 li, lt = cache[0], cache[1]
                 log_w.add_((lt.double() - li.double()) * dbeta[t - 1])
                 if fixed is not None:
-                    step = fixed[t - 1].expand(z.shape[0])
+                    step = fixed[t - 1] if fixed.dim() == 2 else fixed[t - 1].expand(z.shape[0])
+                if record is not None:
+                    record[t - 1] = step[:groups]
                 z, cache, acc, step, avg = traj.transition(z, cache, betas_z[t], step, avg, t)
                 accepted.add_(acc)
                 if per_temp is not None:
-                    per_temp[t - 1] = acc.double().mean()
+                    per_temp[t - 1] = acc[:reported].double().mean()
         rate = accepted.double() / (betas.numel() - 1)
-    return AISResult(log_w, z, rate, step.contiguous(), per_temp)
+    return AISResult(log_w[:reported], z[:reported], rate[:reported], step[:reported].contiguous(), per_temp,
+                     record, None if pilot is None else rate[reported:])
+
+
+def _num_groups(num_groups, generator) -> int:
+    if num_groups is None:
+        return generator.batch if isinstance(generator, KeyedNoise) else 1
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+        raise ValueError(f"ais: num_groups must be a positive int, got {num_groups!r}")
+    return num_groups
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -310,8 +413,8 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device)
 
 
-def _ais_graphed(traj, z, cache, step, avg, log_w, accepted, per_temp, betas_z, dbeta, fixed,
-                 warmup: int = 3):
+def _ais_graphed(traj, z, cache, step, avg, log_w, accepted, per_temp, betas_z, dbeta, fixed, record,
+                 reported, warmup: int = 3):
     """The temperature loop of :func:`ais` with one temperature captured in a CUDA graph and
     replayed: the state lives in static tensors updated in place, the temperature index is a
     device tensor the graph increments, so the host only launches replays (no synchronisation,
@@ -328,7 +431,14 @@ def _ais_graphed(traj, z, cache, step, avg, log_w, accepted, per_temp, betas_z, 
         li, lt = cache_s[0], cache_s[1]
         log_w.add_((lt.double() - li.double()) * dbeta.index_select(0, t_dev - 1).squeeze(0))
         beta = betas_z.index_select(0, t_dev).squeeze(0)
-        step_in = step_s if fixed is None else fixed.index_select(0, t_dev - 1).expand(c)
+        if fixed is None:
+            step_in = step_s
+        elif fixed.dim() == 2:
+            step_in = fixed.index_select(0, t_dev - 1).squeeze(0)
+        else:
+            step_in = fixed.index_select(0, t_dev - 1).expand(c)
+        if record is not None:
+            record.index_copy_(0, t_dev - 1, step_in[:record.shape[1]].unsqueeze(0))
         z1, cache1, acc, step1, avg1 = traj.transition(z_s, cache_s, beta, step_in, avg_s, t_dev)
         z_s.copy_(z1)
         for dst, src in zip(cache_s, cache1):
@@ -337,7 +447,7 @@ def _ais_graphed(traj, z, cache, step, avg, log_w, accepted, per_temp, betas_z, 
         avg_s.copy_(avg1)
         accepted.add_(acc)
         if per_temp is not None:
-            per_temp.index_copy_(0, t_dev - 1, acc.double().mean().view(1))
+            per_temp.index_copy_(0, t_dev - 1, acc[:reported].double().mean().view(1))
         t_dev.add_(1)
 
     side = torch.cuda.Stream(device=z.device)

@@ -4,14 +4,13 @@ analytic and hand-written gradients; any other model with posterior(x) and log_j
 (:class:`iwae_ext.LatentVariableModel`) gets autograd's."""
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .. import protocol as _protocol
-from ..keyed import STREAMS, KeyedNoise, check_generator, keyed_draws, standard_normal
+from ..keyed import PILOT_ROW, STREAMS, KeyedNoise, check_generator, keyed_draws, standard_normal
 from .._checks import check_choice
 from ..models.vae import VAE, DiagonalNormal, normal_log_prob, standard_normal_log_prob
 
@@ -32,8 +31,12 @@ class ModelAIS:
 
 
 def model_ais_densities(model, x: Tensor, num_chains: int, init: str = "posterior",
-                        fast_grad: bool = True, generator: torch.Generator | None = None) -> ModelAIS:
-    """AIS densities for ``model`` and data x [B, D].
+                        fast_grad: bool = True, generator: torch.Generator | None = None,
+                        pilot_chains: int = 0) -> ModelAIS:
+    """AIS densities for ``model`` and data x [B, D]: ``num_chains`` chains per data point, then
+    ``pilot_chains`` more (rows (num_chains + p) * B + b, for :func:`iwae_ext.samplers.ais`'s
+    ``pilot_chains``). With a :class:`iwae_ext.keyed.KeyedNoise` the pilot's starting states come
+    from rows of their own (``PILOT_ROW`` + p), so they do not change with num_chains.
 
     init="posterior": start from q(z|x) (its density is the normalised initial density);
     init="prior": from p(z) (N(0, I) for the package's one-layer models; ``model.prior()`` for
@@ -50,30 +53,35 @@ def model_ais_densities(model, x: Tensor, num_chains: int, init: str = "posterio
                          "is evaluated by importance sampling over weights and z (bounds, L_S)")
     if not isinstance(num_chains, int) or num_chains < 1:
         raise ValueError(f"num_chains must be a positive int, got {num_chains!r}")
+    if not isinstance(pilot_chains, int) or isinstance(pilot_chains, bool) or pilot_chains < 0:
+        raise ValueError(f"pilot_chains must be an int >= 0, got {pilot_chains!r}")
     if not isinstance(model, VAE):
-        return _protocol_densities(model, x, num_chains, init, generator)
+        return _protocol_densities(model, x, num_chains, init, generator, pilot_chains)
     if init == "prior" and len(model.latent_dims) != 1:
         raise ValueError("init='prior' needs one stochastic layer (the prior of two layers is not a "
                          "standard normal over z = (z1, z2)); use init='posterior'")
     p = next(model.parameters())
     x = model._check_x(x).to(device=p.device, dtype=p.dtype)
-    xr = x.repeat(num_chains, 1)
+    rows = num_chains + pilot_chains
+    xr = x.repeat(rows, 1)
     zdim = model.latent_dim
     _check_generator(generator, x.shape[0])
-    keyed = isinstance(generator, KeyedNoise)
-    with torch.no_grad(), (keyed_draws(generator, 0, STREAMS["ais_init"]) if keyed else nullcontext()):
-        if init == "prior":
-            z0 = _normal((num_chains, x.shape[0], zdim), p.dtype, p.device, generator).reshape(-1, zdim)
-            loc = logvar = None
-        else:
+    loc = logvar = q = None
+    with torch.no_grad():
+        if init == "posterior":
             q = model.posterior(x)
             if isinstance(q, DiagonalNormal):
-                eps = _normal((num_chains, *q.loc.shape), p.dtype, p.device, generator).reshape(-1, zdim)
-                loc, logvar = q.loc.repeat(num_chains, 1), q.logvar.repeat(num_chains, 1)
-                z0 = loc + torch.exp(0.5 * logvar) * eps
-            else:  # two stochastic layers: z = (z1, z2) from q(z1|x) q(z2|z1)
-                loc = logvar = None
-                z0 = _hierarchical_sample(q, num_chains, generator).reshape(-1, zdim)
+                loc, logvar = q.loc.repeat(rows, 1), q.logvar.repeat(rows, 1)
+
+        def draw(n):  # [n * B, Z] starting states
+            if init == "prior":
+                return _normal((n, x.shape[0], zdim), p.dtype, p.device, generator).reshape(-1, zdim)
+            if isinstance(q, DiagonalNormal):
+                eps = _normal((n, *q.loc.shape), p.dtype, p.device, generator).reshape(-1, zdim)
+                return q.loc.repeat(n, 1) + torch.exp(0.5 * q.logvar.repeat(n, 1)) * eps
+            return _hierarchical_sample(q, n, generator).reshape(-1, zdim)  # z = (z1, z2)
+
+        z0 = _draw_rows(draw, num_chains, pilot_chains, generator)
     fast = bool(fast_grad and getattr(model, "has_fast_log_joint_grad", False) and
                 (init == "prior" or loc is not None))
 
@@ -85,7 +93,7 @@ def model_ais_densities(model, x: Tensor, num_chains: int, init: str = "posterio
                 return standard_normal_log_prob(z)
             if loc is not None:
                 return normal_log_prob(z, loc, logvar)
-            zs = z.view(num_chains, x.shape[0], zdim)
+            zs = z.view(rows, x.shape[0], zdim)
             return q.log_prob(zs).reshape(-1)
 
         def log_target(z: Tensor) -> Tensor:
@@ -96,18 +104,31 @@ def model_ais_densities(model, x: Tensor, num_chains: int, init: str = "posterio
     return ModelAIS(z0, grad_fn, xr, fast)
 
 
-def _protocol_densities(model, x: Tensor, num_chains: int, init: str, generator) -> ModelAIS:
+def _draw_rows(draw, num_chains: int, pilot_chains: int, generator) -> Tensor:
+    """draw(n) -> [n * B, Z] for the chains and then the pilot; keyed by a KeyedNoise, the chains
+    take rows 0.. of the ais_init streams and the pilot rows PILOT_ROW.. (inside keyed_draws)."""
+    if not isinstance(generator, KeyedNoise):
+        return draw(num_chains + pilot_chains)
+    with keyed_draws(generator, 0, STREAMS["ais_init"]):
+        z0 = draw(num_chains)
+    if pilot_chains:
+        with keyed_draws(generator, PILOT_ROW, STREAMS["ais_init"]):
+            z0 = torch.cat([z0, draw(pilot_chains)])
+    return z0
+
+
+def _protocol_densities(model, x: Tensor, num_chains: int, init: str, generator, pilot_chains: int = 0) -> ModelAIS:
     """AIS densities of any model with posterior(x) and log_joint(x, z), gradients by autograd."""
     from ._hmc import _autograd_value_and_grad
     _protocol.check_model(model, "model_ais_densities")
     device, dtype = _protocol.device_dtype(model, x)
     x = x.to(device=device, dtype=dtype)
-    s, b = num_chains, x.shape[0]
-    keyed = isinstance(generator, KeyedNoise)
-    with torch.no_grad(), (keyed_draws(generator, 0, STREAMS["ais_init"]) if keyed else nullcontext()):
+    b = x.shape[0]
+    s = num_chains + pilot_chains
+    with torch.no_grad():
         dist = model.posterior(x) if init == "posterior" else _protocol.prior(model, "AIS with init='prior'")
-        z0 = _sample(dist, (s,) if init == "posterior" else (s, b), generator, device)
-        z0 = z0.reshape(s * b, -1).to(dtype)
+        z0 = _draw_rows(lambda n: _sample(dist, (n,) if init == "posterior" else (n, b), generator, device)
+                        .reshape(n * b, -1), num_chains, pilot_chains, generator).to(dtype)
 
     def log_init(z: Tensor) -> Tensor:
         return dist.log_prob(z.view(s, b, -1)).reshape(-1)
