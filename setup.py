@@ -3,7 +3,8 @@
 Environment switches (read at build time):
   IWAE_EXT_CUDA          "auto" (default): build the CUDA kernels when torch is a CUDA build
                          and nvcc is found; "1": build them or fail; "0": CPU only.
-  TORCH_CUDA_ARCH_LIST   CUDA architectures; with no GPU visible it defaults to "9.0+PTX"
+  TORCH_CUDA_ARCH_LIST   CUDA architectures; default: the visible GPUs' (e.g. "9.0+PTX"), or
+                         "9.0+PTX" with no GPU visible
                          (H100/H200 machine code, plus PTX that newer GPUs compile at load).
                          With a GPU visible, torch picks that GPU's arch.
   MAX_JOBS               parallel compile jobs (ninja).
@@ -48,9 +49,13 @@ def _extension():
     arch_list = ""
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
-        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            # the visible GPUs' architectures (PTX of the newest for later ones), else Hopper's;
+            # set explicitly so that what is built is what build_info() reports
+            caps = sorted({torch.cuda.get_device_capability(d) for d in range(torch.cuda.device_count())}
+                          if torch.cuda.is_available() else {(9, 0)})
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" for a, b in caps) + "+PTX"
+        arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         # CUDA wheels of torch ship the cuBLAS/cuSPARSE headers that ATen/cuda needs here.
         for site in sys.path:

@@ -36,6 +36,7 @@ import iwae_ext.models.vae as _vae  # noqa: E402
 
 CHAINS = 16
 IMAGES = 100
+PILOT = evaluate.default_pilot_chains(CHAINS)  # the evaluation's pilot chains per image
 
 
 def model_and_data(device, images=IMAGES):
@@ -76,8 +77,9 @@ def keyed_cost(args, device):
 
     def ais_with(g):
         def run():
-            dens = samplers.model_ais_densities(model, x, CHAINS, "posterior", True, g)
-            samplers.ais(None, None, dens.z0, betas, 10, 0.05, grad_fn=dens.grad_fn, generator=g)
+            dens = samplers.model_ais_densities(model, x, CHAINS, "posterior", True, g, PILOT)
+            samplers.ais(None, None, dens.z0, betas, 10, 0.05, grad_fn=dens.grad_fn, generator=g,
+                         pilot_chains=PILOT, num_groups=IMAGES)
         return run
 
     out = {}
@@ -99,11 +101,11 @@ def seconds_per_temperature(device, temps, rounds):
     noise = KeyedNoise(0, torch.arange(IMAGES), device)
     per = []
     for _ in range(rounds):
-        dens = samplers.model_ais_densities(model, x, CHAINS, "posterior", True, noise)
+        dens = samplers.model_ais_densities(model, x, CHAINS, "posterior", True, noise, PILOT)
         synchronize(device)
         t0 = time.perf_counter()
         samplers.ais(None, None, dens.z0, samplers.sigmoid_schedule(temps + 1), 10, 0.05, grad_fn=dens.grad_fn,
-                     generator=noise)
+                     generator=noise, pilot_chains=PILOT)
         synchronize(device)
         per.append((time.perf_counter() - t0) / temps)
     return median(per)

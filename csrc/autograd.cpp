@@ -26,23 +26,38 @@ at::Tensor call_logmeanexp(const at::Tensor& logw, int64_t dim) {
   return op.call(logw, dim);
 }
 
+std::tuple<at::Tensor, at::Tensor> call_logmeanexp_stats(const at::Tensor& logw, int64_t dim) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("iwae_ext::logmeanexp_stats", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>();
+  return op.call(logw, dim);
+}
+
 at::Tensor call_logmeanexp_backward(const at::Tensor& grad_out, const at::Tensor& logw,
-                                    const at::Tensor& out, int64_t dim) {
+                                    const at::Tensor& out, int64_t dim,
+                                    const c10::optional<at::Tensor>& stats) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("iwae_ext::logmeanexp_backward", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
-  return op.call(grad_out, logw, out, dim);
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                            const c10::optional<at::Tensor>&)>();
+  return op.call(grad_out, logw, out, dim, stats);
 }
 
 int64_t wrap(int64_t dim, int64_t ndim) { return dim < 0 ? dim + ndim : dim; }
 
+c10::optional<at::Tensor> optional(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+// The forward keeps the row max and the log of the normalised sum (logmeanexp_stats) for the
+// backward, whose float32 gradient is then accurate at every value scale (see lme_grad).
 class LogMeanExp : public torch::autograd::Function<LogMeanExp> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logw, int64_t dim) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = call_logmeanexp(logw, dim);
-    ctx->save_for_backward({logw, out});
+    auto [out, stats] = call_logmeanexp_stats(logw, dim);
+    ctx->save_for_backward({logw, out, stats});
     ctx->saved_data["dim"] = dim;
     return out;
   }
@@ -50,32 +65,34 @@ class LogMeanExp : public torch::autograd::Function<LogMeanExp> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const int64_t dim = ctx->saved_data["dim"].toInt();
-    return {call_logmeanexp_backward(grads[0], saved[0], saved[1], dim), at::Tensor()};
+    return {call_logmeanexp_backward(grads[0], saved[0], saved[1], dim, saved[2]), at::Tensor()};
   }
 };
 
 // g_x = grad_out * p with p = softmax(logw). Treating `out` as an input (autograd adds its
 // path through logw): d g_x_j/d grad_out = p_j, d g_x_j/d logw_j = g_x_j,
-// d g_x_j/d out = -g_x_j.
+// d g_x_j/d out = -g_x_j. `stats`, when given, is out in another form (a more accurate one):
+// not differentiated.
 class LogMeanExpBackward : public torch::autograd::Function<LogMeanExpBackward> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_out,
-                            const at::Tensor& logw, const at::Tensor& out, int64_t dim) {
+                            const at::Tensor& logw, const at::Tensor& out, int64_t dim,
+                            const c10::optional<at::Tensor>& stats) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor grad_logw = call_logmeanexp_backward(grad_out, logw, out, dim);
-    ctx->save_for_backward({logw, out, grad_logw});
+    at::Tensor grad_logw = call_logmeanexp_backward(grad_out, logw, out, dim, stats);
+    ctx->save_for_backward({logw, out, grad_logw, stats.has_value() ? *stats : at::Tensor()});
     ctx->saved_data["dim"] = wrap(dim, logw.dim());
     return grad_logw;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &logw = saved[0], &out = saved[1], &grad_logw = saved[2];
+    const at::Tensor &logw = saved[0], &out = saved[1], &grad_logw = saved[2], &stats = saved[3];
     const int64_t dim = ctx->saved_data["dim"].toInt();
     const at::Tensor& v = grads[0];
     at::Tensor d_grad_out, d_logw, d_out;
     if (ctx->needs_input_grad(0)) {
-      at::Tensor p = call_logmeanexp_backward(at::ones_like(out), logw, out, dim);
+      at::Tensor p = call_logmeanexp_backward(at::ones_like(out), logw, out, dim, optional(stats));
       d_grad_out = at::sum(at::mul(v, p), dim);
     }
     if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
@@ -83,17 +100,24 @@ class LogMeanExpBackward : public torch::autograd::Function<LogMeanExpBackward> 
       if (ctx->needs_input_grad(1)) d_logw = vg;
       if (ctx->needs_input_grad(2)) d_out = at::neg(at::sum(vg, dim));
     }
-    return {d_grad_out, d_logw, d_out, at::Tensor()};
+    return {d_grad_out, d_logw, d_out, at::Tensor(), at::Tensor()};
   }
 };
 
+bool needs_grad(const at::Tensor& t) { return at::GradMode::is_enabled() && t.requires_grad(); }
+
 at::Tensor logmeanexp_autograd(const at::Tensor& logw, int64_t dim) {
+  if (!needs_grad(logw)) {  // no graph: the plain kernel, no stats
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_logmeanexp(logw, dim);
+  }
   return LogMeanExp::apply(logw, dim);
 }
 
 at::Tensor logmeanexp_backward_autograd(const at::Tensor& grad_out, const at::Tensor& logw,
-                                        const at::Tensor& out, int64_t dim) {
-  return LogMeanExpBackward::apply(grad_out, logw, out, dim);
+                                        const at::Tensor& out, int64_t dim,
+                                        const c10::optional<at::Tensor>& stats) {
+  return LogMeanExpBackward::apply(grad_out, logw, out, dim, optional(stats.has_value() ? *stats : at::Tensor()));
 }
 
 using BayesLinearGrads =

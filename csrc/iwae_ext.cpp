@@ -67,8 +67,13 @@ LmeLayout lme_layout(const at::Tensor& logw, int64_t dim, const char* op) {
   return L;
 }
 
+at::ScalarType lme_acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 LmeBackwardArgs lme_backward_args(const at::Tensor& grad_out, const at::Tensor& logw,
-                                  const at::Tensor& out, int64_t dim, const char* op) {
+                                  const at::Tensor& out, int64_t dim,
+                                  const c10::optional<at::Tensor>& stats, const char* op) {
   LmeBackwardArgs a;
   a.in = lme_layout(logw, dim, op);
   dim = a.in.dim;
@@ -80,7 +85,20 @@ LmeBackwardArgs lme_backward_args(const at::Tensor& grad_out, const at::Tensor& 
   IWAE_CHECK_SHAPE("logmeanexp_backward", "grad_out", grad_out, at::IntArrayRef(out_shape));
   IWAE_CHECK_SHAPE("logmeanexp_backward", "out", out, at::IntArrayRef(out_shape));
   a.grad_out = grad_out.contiguous();
-  a.out = out.contiguous();
+  const at::ScalarType acc = lme_acc_type(logw.scalar_type());
+  if (stats.has_value() && stats->defined()) {
+    std::vector<int64_t> stats_shape{2};
+    stats_shape.insert(stats_shape.end(), out_shape.begin(), out_shape.end());
+    IWAE_CHECK_SAME_DEVICE("logmeanexp_backward", "stats", *stats, "logw", logw);
+    IWAE_CHECK_SHAPE("logmeanexp_backward", "stats", *stats, at::IntArrayRef(stats_shape));
+    TORCH_CHECK(stats->scalar_type() == acc, op, ": stats must be ", acc, " for logw of dtype ",
+                logw.scalar_type(), " (what logmeanexp_stats returns), got ", stats->scalar_type());
+    const at::Tensor st = stats->reshape({2, -1});
+    a.ref = st[0].contiguous();
+    a.offset = st[1].contiguous();
+  } else {
+    a.ref = out.reshape({-1}).to(acc).contiguous();
+  }
   a.grad_logw = at::empty_like(logw);
   // Write straight into grad_logw when it has the layout the kernel reads logw in (always,
   // unless logw was copied); otherwise into a buffer laid out like in.x, copied back after.
@@ -151,7 +169,8 @@ at::Tensor bern_grad_out(const at::Tensor& grad_out, const at::Tensor& h, const 
 
 TORCH_LIBRARY(iwae_ext, m) {
   m.def("logmeanexp(Tensor logw, int dim) -> Tensor");
-  m.def("logmeanexp_backward(Tensor grad_out, Tensor logw, Tensor out, int dim) -> Tensor");
+  m.def("logmeanexp_stats(Tensor logw, int dim) -> (Tensor, Tensor)");
+  m.def("logmeanexp_backward(Tensor grad_out, Tensor logw, Tensor out, int dim, Tensor? stats=None) -> Tensor");
   // Returns (out, std); std = sqrt of the output variance, saved for the backward.
   m.def("bayes_linear(Tensor x, Tensor weight_mu, Tensor weight_rho, Tensor bias_mu, "
         "Tensor bias_rho, Tensor eps) -> (Tensor, Tensor)");

@@ -66,16 +66,24 @@ C10_HOST_DEVICE inline acc_t lme_finalize(acc_t m, acc_t s, acc_t log_k) {
   return m + IWAE_LOG(s) - log_k;
 }
 
-// d out / d x_k = softmax(x)_k = exp((x_k - out) - log K). The difference x_k - out comes
-// first: it is exact where the gradient matters (x_k near out), so the error is out's own
-// rounding, as in PyTorch's logsumexp backward; forming out + log K first would round a second
-// time (in float32, up to 4x PyTorch's error for values near -300). A row whose output is
-// -inf has zero gradient: every x_k is -inf, and exp(-inf + inf) would be NaN.
+// The backward's reference pair of a row, (ref, offset) with softmax(x)_k = exp((x_k - ref) - offset):
+// the row maximum m and log s (s = sum exp(x - m), in [1, K]), saved by the forward
+// (logmeanexp_stats). x_k - m is exact where the gradient matters (x_k near the maximum) and
+// log s is small, so in float32 the error is a few ulps at every value scale. The fallback
+// (ref, offset) = (out, log K) from the rounded output alone loses out's rounding: at values of
+// 1e4 that is 0.004 (an ulp of out), thousands of times PyTorch's error.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t lme_log_sum(acc_t s) {
+  return IWAE_LOG(s);
+}
+
+// d out / d x_k = grad_out * exp((x_k - ref) - offset). A row whose reference is -inf has zero
+// gradient: every x_k is -inf, and exp(-inf + inf) would be NaN.
 // `exp` is the device's exponential (the CPU passes its vectorisable one).
 template <typename acc_t, typename Exp>
-C10_HOST_DEVICE inline acc_t lme_grad(acc_t grad_out, acc_t x, acc_t out, acc_t log_k, Exp exp) {
-  return out == -std::numeric_limits<acc_t>::infinity() ? acc_t(0)
-                                                         : grad_out * exp((x - out) - log_k);
+C10_HOST_DEVICE inline acc_t lme_grad(acc_t grad_out, acc_t x, acc_t ref, acc_t offset, Exp exp) {
+  return ref == -std::numeric_limits<acc_t>::infinity() ? acc_t(0)
+                                                         : grad_out * exp((x - ref) - offset);
 }
 
 // How a kernel sees logw: [outer, K, inner] in memory, reduced over K. inner == 1 is the
@@ -95,18 +103,25 @@ LmeLayout lme_layout(const at::Tensor& logw, int64_t dim, const char* op);
 // Output shape: logw's shape without dim.
 std::vector<int64_t> lme_out_shape(const at::Tensor& logw, int64_t dim);
 
+// The dtype the kernels accumulate in (and of logmeanexp_stats's stats): float32 for
+// float16, bfloat16 and float32, float64 for float64.
+at::ScalarType lme_acc_type(at::ScalarType t);
+
 // Checks of the backward's arguments; returns the layouts of logw and of grad_logw (which
-// is allocated here with empty_like(logw)), plus contiguous grad_out and out.
+// is allocated here with empty_like(logw)), plus contiguous grad_out and the reference pair:
+// from stats [2, *out_shape] (row max, log of the normalised sum) when given, else (out, log K).
 struct LmeBackwardArgs {
   LmeLayout in;
   at::Tensor grad_out;    // contiguous, [outer * inner]
-  at::Tensor out;         // contiguous, [outer * inner]
+  at::Tensor ref;         // contiguous, [outer * inner], the accumulation dtype
+  at::Tensor offset;      // likewise, or undefined: log K for every row
   at::Tensor grad_logw;   // empty_like(logw): what the op returns
   at::Tensor grad_x;      // where the kernel writes, laid out like in.x
   bool write_back = false;  // grad_x is a buffer to copy into grad_logw afterwards
 };
 LmeBackwardArgs lme_backward_args(const at::Tensor& grad_out, const at::Tensor& logw,
-                                  const at::Tensor& out, int64_t dim, const char* op);
+                                  const at::Tensor& out, int64_t dim,
+                                  const c10::optional<at::Tensor>& stats, const char* op);
 // After the kernel wrote grad_x: copy it into grad_logw when they differ.
 void lme_backward_finish(LmeBackwardArgs& args);
 

@@ -51,7 +51,7 @@ def build_info() -> dict:
         "torch": _torch.__version__,
         "built_with_torch": _C.built_with_torch,
         "cuda_kernels": cuda_kernels,
-        "cuda_arch_list": _re.split(r"[;\s]+", _C.cuda_arch_list.strip()) if cuda_kernels else [],
+        "cuda_arch_list": [a for a in _re.split(r"[;\s]+", _C.cuda_arch_list.strip()) if a] if cuda_kernels else [],
         "torch_cuda_version": _torch.version.cuda,
         "openmp": bool(_C.openmp),
         "openmp_version": _C.openmp or None,

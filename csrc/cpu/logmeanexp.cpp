@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <cstdint>
 #include <vector>
 
@@ -75,8 +76,11 @@ IWAE_INLINE void block_partial(const T* x, int64_t n, T& block_max, T& block_sum
   block_sum = s;
 }
 
+// Writes out[r] and, when stats is not null, stats[r] = row max and stats[rows + r] = log of
+// the normalised sum (the backward's reference pair, see lme_grad).
 template <typename T>
-IWAE_INLINE void rows_forward(const T* x, T* out, int64_t K, int64_t r0, int64_t r1) {
+IWAE_INLINE void rows_forward(const T* x, T* out, T* stats, int64_t rows, int64_t K, int64_t r0,
+                              int64_t r1) {
   const double log_k = std::log(static_cast<double>(K));
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = x + r * K;
@@ -88,20 +92,27 @@ IWAE_INLINE void rows_forward(const T* x, T* out, int64_t K, int64_t r0, int64_t
       lme_combine<double>(m, s, bm, bs);
     }
     out[r] = static_cast<T>(lme_finalize(m, s, log_k));
+    if (stats != nullptr) {
+      stats[r] = static_cast<T>(m);
+      stats[rows + r] = static_cast<T>(lme_log_sum(s));
+    }
   }
 }
 
+// The gradient from each row's reference pair (ref[r], offset[r]), or (ref[r], log K) when
+// offset is null.
 template <typename T>
-IWAE_INLINE void rows_backward(const T* grad_out, const T* x, const T* out, T* grad_x,
-                               int64_t K, int64_t r0, int64_t r1) {
+IWAE_INLINE void rows_backward(const T* grad_out, const T* x, const T* ref, const T* offset,
+                               T* grad_x, int64_t K, int64_t r0, int64_t r1) {
   const T log_k = static_cast<T>(std::log(static_cast<double>(K)));
   for (int64_t r = r0; r < r1; ++r) {
     const T g = grad_out[r];
-    const T o = out[r];
+    const T o = ref[r];
+    const T c = offset != nullptr ? offset[r] : log_k;
     const T* row = x + r * K;
     T* grow = grad_x + r * K;
 #pragma omp simd
-    for (int64_t k = 0; k < K; ++k) grow[k] = lme_grad(g, row[k], o, log_k, FastExp{});
+    for (int64_t k = 0; k < K; ++k) grow[k] = lme_grad(g, row[k], o, c, FastExp{});
   }
 }
 
@@ -143,40 +154,43 @@ IWAE_INLINE void cols_partial(const T* x, int64_t K, int64_t inner, int64_t c0, 
 }
 
 template <typename T>
-IWAE_INLINE void cols_backward(const T* grad_out, const T* x, const T* out, T* grad_x,
-                               int64_t K, int64_t inner, int64_t c0, int64_t c1) {
+IWAE_INLINE void cols_backward(const T* grad_out, const T* x, const T* ref, const T* offset,
+                               T* grad_x, int64_t K, int64_t inner, int64_t c0, int64_t c1) {
   const T log_k = static_cast<T>(std::log(static_cast<double>(K)));
+  T off[kTileCols];
   for (int64_t c = c0; c < c1; c += kTileCols) {
     const int64_t w = std::min(kTileCols, c1 - c);
-    const T* o = out + c;
+    const T* o = ref + c;
     const T* g = grad_out + c;
+    for (int64_t j = 0; j < w; ++j) off[j] = offset != nullptr ? offset[c + j] : log_k;
     for (int64_t k = 0; k < K; ++k) {
       const T* row = x + k * inner + c;
       T* grow = grad_x + k * inner + c;
 #pragma omp simd
-      for (int64_t j = 0; j < w; ++j) grow[j] = lme_grad(g[j], row[j], o[j], log_k, FastExp{});
+      for (int64_t j = 0; j < w; ++j) grow[j] = lme_grad(g[j], row[j], o[j], off[j], FastExp{});
     }
   }
 }
 
 // One entry point per loop and dtype, each cloned per ISA.
 #define IWAE_LME_CLONES(T)                                                               \
-  IWAE_SIMD_CLONES void lme_rows_forward(const T* x, T* out, int64_t K, int64_t r0,     \
-                                         int64_t r1) {                                   \
-    rows_forward<T>(x, out, K, r0, r1);                                                  \
+  IWAE_SIMD_CLONES void lme_rows_forward(const T* x, T* out, T* stats, int64_t rows,     \
+                                         int64_t K, int64_t r0, int64_t r1) {            \
+    rows_forward<T>(x, out, stats, rows, K, r0, r1);                                     \
   }                                                                                      \
-  IWAE_SIMD_CLONES void lme_rows_backward(const T* g, const T* x, const T* out, T* gx,  \
-                                          int64_t K, int64_t r0, int64_t r1) {           \
-    rows_backward<T>(g, x, out, gx, K, r0, r1);                                          \
+  IWAE_SIMD_CLONES void lme_rows_backward(const T* g, const T* x, const T* ref,         \
+                                          const T* off, T* gx, int64_t K, int64_t r0,    \
+                                          int64_t r1) {                                  \
+    rows_backward<T>(g, x, ref, off, gx, K, r0, r1);                                     \
   }                                                                                      \
   IWAE_SIMD_CLONES void lme_cols_partial(const T* x, int64_t K, int64_t inner, int64_t c0, \
                                          int64_t c1, double* m, double* s) {              \
     cols_partial<T>(x, K, inner, c0, c1, m, s);                                          \
   }                                                                                      \
-  IWAE_SIMD_CLONES void lme_cols_backward(const T* g, const T* x, const T* out, T* gx,  \
-                                          int64_t K, int64_t inner, int64_t c0,          \
-                                          int64_t c1) {                                  \
-    cols_backward<T>(g, x, out, gx, K, inner, c0, c1);                                   \
+  IWAE_SIMD_CLONES void lme_cols_backward(const T* g, const T* x, const T* ref,         \
+                                          const T* off, T* gx, int64_t K, int64_t inner, \
+                                          int64_t c0, int64_t c1) {                      \
+    cols_backward<T>(g, x, ref, off, gx, K, inner, c0, c1);                              \
   }
 
 IWAE_LME_CLONES(float)
@@ -209,17 +223,29 @@ void check_cpu_dtype(const at::Tensor& logw, const char* op) {
               ": logw must be float32 or float64 on the CPU, got ", logw.scalar_type());
 }
 
-at::Tensor logmeanexp_cpu(const at::Tensor& logw, int64_t dim) {
+// out = logmeanexp(logw, dim); with want_stats also stats [2, *out.shape] (row max, log of the
+// normalised sum), the backward's reference pair.
+std::tuple<at::Tensor, at::Tensor> logmeanexp_cpu_impl(const at::Tensor& logw, int64_t dim,
+                                                       bool want_stats) {
   const LmeLayout L = lme_layout(logw, dim, "logmeanexp");
   check_cpu_dtype(logw, "logmeanexp");
-  at::Tensor out = at::empty(lme_out_shape(logw, L.dim), logw.options());
-  if (out.numel() == 0) return out;
+  const auto out_shape = lme_out_shape(logw, L.dim);
+  at::Tensor out = at::empty(out_shape, logw.options());
+  at::Tensor stats;
+  if (want_stats) {
+    std::vector<int64_t> stats_shape{2};
+    stats_shape.insert(stats_shape.end(), out_shape.begin(), out_shape.end());
+    stats = at::empty(stats_shape, logw.options());
+  }
+  if (out.numel() == 0) return {out, stats};
+  const int64_t n_out = out.numel();
   AT_DISPATCH_FLOATING_TYPES(logw.scalar_type(), "logmeanexp_cpu", [&] {
     const scalar_t* x = L.x.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    scalar_t* st = want_stats ? stats.mutable_data_ptr<scalar_t>() : nullptr;
     if (L.inner == 1) {
       at::parallel_for(0, L.outer, grain(L.K), [&](int64_t r0, int64_t r1) {
-        lme_rows_forward(x, y, L.K, r0, r1);
+        lme_rows_forward(x, y, st, n_out, L.K, r0, r1);
       });
       return;
     }
@@ -248,29 +274,44 @@ at::Tensor logmeanexp_cpu(const at::Tensor& logw, int64_t dim) {
         for (int64_t ch = 1; ch < chunks; ++ch)
           lme_combine<double>(mj, sj, m[(o * chunks + ch) * L.inner + c], s[(o * chunks + ch) * L.inner + c]);
         y[j] = static_cast<scalar_t>(lme_finalize(mj, sj, log_k));
+        if (st != nullptr) {
+          st[j] = static_cast<scalar_t>(mj);
+          st[n_out + j] = static_cast<scalar_t>(lme_log_sum(sj));
+        }
       }
     });
   });
-  return out;
+  return {out, stats};
+}
+
+at::Tensor logmeanexp_cpu(const at::Tensor& logw, int64_t dim) {
+  return std::get<0>(logmeanexp_cpu_impl(logw, dim, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> logmeanexp_stats_cpu(const at::Tensor& logw, int64_t dim) {
+  return logmeanexp_cpu_impl(logw, dim, true);
 }
 
 at::Tensor logmeanexp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& logw,
-                                   const at::Tensor& out, int64_t dim) {
-  LmeBackwardArgs a = lme_backward_args(grad_out, logw, out, dim, "logmeanexp_backward");
+                                   const at::Tensor& out, int64_t dim,
+                                   const c10::optional<at::Tensor>& stats) {
+  LmeBackwardArgs a = lme_backward_args(grad_out, logw, out, dim, stats, "logmeanexp_backward");
   check_cpu_dtype(logw, "logmeanexp_backward");
   if (logw.numel() == 0) return a.grad_logw;
   const LmeLayout& L = a.in;
   AT_DISPATCH_FLOATING_TYPES(logw.scalar_type(), "logmeanexp_backward_cpu", [&] {
     const scalar_t* g = a.grad_out.const_data_ptr<scalar_t>();
     const scalar_t* x = L.x.const_data_ptr<scalar_t>();
-    const scalar_t* y = a.out.const_data_ptr<scalar_t>();
+    const scalar_t* ref = a.ref.const_data_ptr<scalar_t>();
+    const scalar_t* off = a.offset.defined() ? a.offset.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* gx = a.grad_x.mutable_data_ptr<scalar_t>();
     parallel_over(
-        L, [&](int64_t r0, int64_t r1) { lme_rows_backward(g, x, y, gx, L.K, r0, r1); },
+        L, [&](int64_t r0, int64_t r1) { lme_rows_backward(g, x, ref, off, gx, L.K, r0, r1); },
         [&](int64_t o, int64_t c0, int64_t c1) {
           const int64_t slab = o * L.K * L.inner;
-          lme_cols_backward(g + o * L.inner, x + slab, y + o * L.inner, gx + slab, L.K,
-                            L.inner, c0, c1);
+          lme_cols_backward(g + o * L.inner, x + slab, ref + o * L.inner,
+                            off != nullptr ? off + o * L.inner : nullptr, gx + slab, L.K, L.inner,
+                            c0, c1);
         });
   });
   lme_backward_finish(a);
@@ -281,6 +322,7 @@ at::Tensor logmeanexp_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
 
 TORCH_LIBRARY_IMPL(iwae_ext, CPU, m) {
   m.impl("logmeanexp", &logmeanexp_cpu);
+  m.impl("logmeanexp_stats", &logmeanexp_stats_cpu);
   m.impl("logmeanexp_backward", &logmeanexp_backward_cpu);
 }
 

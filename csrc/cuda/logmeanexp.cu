@@ -18,7 +18,9 @@
 // them into kItemsPerThread independent pairs; everything else is a tree of lme_combine.
 // So the float32 error does not grow with K (a thread walking all K values of a column
 // would lose about K ulps).
-// Backward: one elementwise kernel, grad = grad_out * exp(logw - (out + log K)).
+// Outputs are finalised in double (m + log s - log K) and rounded once.
+// Backward: one elementwise kernel, grad = grad_out * exp((logw - row max) - log s) from the
+// forward's stats (logmeanexp_stats), or exp((logw - out) - log K) from the output alone.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -31,7 +33,9 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <mutex>
+#include <tuple>
 #include <vector>
 
 #include "../logmeanexp.h"
@@ -54,6 +58,21 @@ __device__ __forceinline__ void group_reduce(acc_t& m, acc_t& s, int width) {
     const acc_t m2 = __shfl_xor_sync(0xffffffffu, m, offset, width);
     const acc_t s2 = __shfl_xor_sync(0xffffffffu, s, offset, width);
     lme_combine(m, s, m2, s2);
+  }
+}
+
+// Output j from its final pair: out in double and rounded once (m + log s - log K in float
+// would round twice), and, when stats is not null, the backward's reference pair (row max,
+// log of the normalised sum) at stats[j] and stats[n_out + j].
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_result(scalar_t* __restrict__ out, acc_t* __restrict__ stats,
+                                             int64_t n_out, int64_t j, acc_t m, acc_t s,
+                                             double log_k) {
+  out[j] = static_cast<scalar_t>(
+      lme_finalize<double>(static_cast<double>(m), static_cast<double>(s), log_k));
+  if (stats != nullptr) {
+    stats[j] = m;
+    stats[n_out + j] = lme_log_sum(s);
   }
 }
 
@@ -88,14 +107,14 @@ __device__ __forceinline__ void strided_partial(const scalar_t* __restrict__ x, 
 // GROUP lanes per row (GROUP = 4, 8, 16 or 32), kThreads / GROUP rows per block.
 template <typename scalar_t, typename acc_t, int GROUP>
 __global__ void __launch_bounds__(kThreads)
-    rows_group_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t rows,
-                      int64_t K, acc_t log_k) {
+    rows_group_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                      acc_t* __restrict__ stats, int64_t rows, int64_t K, double log_k) {
   const int lane = threadIdx.x % GROUP;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / GROUP) + threadIdx.x / GROUP;
   acc_t m = -std::numeric_limits<acc_t>::infinity(), s = 0;
   if (row < rows) strided_partial(x + row * K, 0, K, lane, GROUP, 1, m, s);
   group_reduce(m, s, GROUP);  // all lanes take part, so the full-warp mask is right
-  if (row < rows && lane == 0) out[row] = static_cast<scalar_t>(lme_finalize(m, s, log_k));
+  if (row < rows && lane == 0) write_result(out, stats, rows, row, m, s, log_k);
 }
 
 // (m, s) of a whole block; the result is valid in thread 0.
@@ -121,8 +140,9 @@ __device__ __forceinline__ void block_reduce(acc_t& m, acc_t& s) {
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     rows_block_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
-                      acc_t* __restrict__ partial_m, acc_t* __restrict__ partial_s, int64_t K,
-                      int64_t chunk, int splits, acc_t log_k) {
+                      acc_t* __restrict__ stats, int64_t rows, acc_t* __restrict__ partial_m,
+                      acc_t* __restrict__ partial_s, int64_t K, int64_t chunk, int splits,
+                      double log_k) {
   const int64_t row = blockIdx.x / splits;
   const int part = blockIdx.x % splits;
   const int64_t begin = static_cast<int64_t>(part) * chunk;
@@ -132,7 +152,7 @@ __global__ void __launch_bounds__(kThreads)
   block_reduce(m, s);
   if (threadIdx.x == 0) {
     if (splits == 1) {
-      out[row] = static_cast<scalar_t>(lme_finalize(m, s, log_k));
+      write_result(out, stats, rows, row, m, s, log_k);
     } else {
       partial_m[blockIdx.x] = m;
       partial_s[blockIdx.x] = s;
@@ -144,7 +164,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     combine_kernel(const acc_t* __restrict__ partial_m, const acc_t* __restrict__ partial_s,
-                   scalar_t* __restrict__ out, int64_t rows, int splits, acc_t log_k) {
+                   scalar_t* __restrict__ out, acc_t* __restrict__ stats, int64_t rows, int splits,
+                   double log_k) {
   const int lane = threadIdx.x % kWarp;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / kWarp) + threadIdx.x / kWarp;
   acc_t m = -std::numeric_limits<acc_t>::infinity(), s = 0;
@@ -152,7 +173,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = lane; j < splits; j += kWarp)
       lme_combine(m, s, partial_m[row * splits + j], partial_s[row * splits + j]);
   group_reduce(m, s, kWarp);
-  if (row < rows && lane == 0) out[row] = static_cast<scalar_t>(lme_finalize(m, s, log_k));
+  if (row < rows && lane == 0) write_result(out, stats, rows, row, m, s, log_k);
 }
 
 // Columns: block b covers columns tile * TX + tx (tx < TX) of slab o, values k in chunk
@@ -163,8 +184,9 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename acc_t, int TX>
 __global__ void __launch_bounds__(kThreads)
     cols_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
-                acc_t* __restrict__ partial_m, acc_t* __restrict__ partial_s, int64_t K,
-                int64_t inner, int64_t tiles, int64_t chunk, int splits, acc_t log_k) {
+                acc_t* __restrict__ stats, int64_t n_out, acc_t* __restrict__ partial_m,
+                acc_t* __restrict__ partial_s, int64_t K, int64_t inner, int64_t tiles,
+                int64_t chunk, int splits, double log_k) {
   constexpr int TY = kThreads / TX;
   __shared__ acc_t sm[TY][TX], ss[TY][TX];
   const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
@@ -191,7 +213,7 @@ __global__ void __launch_bounds__(kThreads)
   if (ty == 0 && c < inner) {
     const int64_t col = o * inner + c;
     if (splits == 1) {
-      out[col] = static_cast<scalar_t>(lme_finalize(m, s, log_k));
+      write_result(out, stats, n_out, col, m, s, log_k);
     } else {
       partial_m[col * splits + part] = m;
       partial_s[col * splits + part] = s;
@@ -204,17 +226,20 @@ struct DeviceExp {
   __device__ __forceinline__ T operator()(T v) const { return ::exp(v); }
 };
 
-// grad_x[(o * K + k) * inner + c] from grad_out and out at o * inner + c.
+// grad_x[(o * K + k) * inner + c] from grad_out and the reference pair at o * inner + c
+// (ref, offset), or (ref, log K) when offset is null.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
-                    const scalar_t* __restrict__ out, scalar_t* __restrict__ grad_x,
-                    int64_t numel, int64_t K, int64_t inner, acc_t log_k) {
+                    const acc_t* __restrict__ ref, const acc_t* __restrict__ offset,
+                    scalar_t* __restrict__ grad_x, int64_t numel, int64_t K, int64_t inner,
+                    acc_t log_k) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t j = inner == 1 ? i / K : (i / (K * inner)) * inner + i % inner;
     grad_x[i] = static_cast<scalar_t>(lme_grad(static_cast<acc_t>(grad_out[j]), static_cast<acc_t>(x[i]),
-                                               static_cast<acc_t>(out[j]), log_k, DeviceExp{}));
+                                               ref[j], offset != nullptr ? offset[j] : log_k,
+                                               DeviceExp{}));
   }
 }
 
@@ -233,6 +258,18 @@ int multiprocessors(c10::DeviceIndex device) {
 
 int64_t blocks_for(int64_t items, int64_t per_block) { return (items + per_block - 1) / per_block; }
 
+// The backward's grid: at most 32 blocks per SM, each thread striding over the rest; the
+// IWAE_EXT_LME_BACKWARD_MAX_BLOCKS environment variable lowers it (tests reach the grid-stride
+// loop with it on small tensors).
+int64_t backward_max_blocks(c10::DeviceIndex device) {
+  static const int64_t cap = [] {
+    const char* v = std::getenv("IWAE_EXT_LME_BACKWARD_MAX_BLOCKS");
+    return v != nullptr && std::atoll(v) > 0 ? static_cast<int64_t>(std::atoll(v)) : int64_t(0);
+  }();
+  const int64_t most = 32LL * multiprocessors(device);
+  return cap > 0 ? std::min(cap, most) : most;
+}
+
 // Chunks to split K into, for `blocks` blocks of `lanes` threads (along K) each: enough that no
 // thread folds more than kMaxPerThread values, and, when the blocks cannot give every SM two,
 // more (down to kMinPerThread values per thread) to fill the GPU.
@@ -247,11 +284,12 @@ int64_t k_splits(int64_t K, int64_t lanes, int64_t blocks, int64_t target_blocks
 }
 
 template <typename scalar_t, int TX>
-void launch_cols(const LmeLayout& L, const scalar_t* x, scalar_t* y, int64_t target_blocks,
-                 const at::Tensor& out, cudaStream_t stream) {
+void launch_cols(const LmeLayout& L, const scalar_t* x, scalar_t* y,
+                 at::opmath_type<scalar_t>* stats, int64_t target_blocks, const at::Tensor& out,
+                 cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int TY = kThreads / TX;
-  const acc_t log_k = static_cast<acc_t>(std::log(static_cast<double>(L.K)));
+  const double log_k = std::log(static_cast<double>(L.K));
   const int64_t tiles = (L.inner + TX - 1) / TX;
   const int64_t splits = k_splits(L.K, TY, L.outer * tiles, target_blocks);
   const int64_t chunk = (L.K + splits - 1) / splits;
@@ -267,40 +305,41 @@ void launch_cols(const LmeLayout& L, const scalar_t* x, scalar_t* y, int64_t tar
     ps = pm + cols * splits;
   }
   cols_kernel<scalar_t, acc_t, TX><<<blocks, kThreads, 0, stream>>>(
-      x, y, pm, ps, L.K, L.inner, tiles, chunk, static_cast<int>(splits), log_k);
+      x, y, stats, cols, pm, ps, L.K, L.inner, tiles, chunk, static_cast<int>(splits), log_k);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
     combine_kernel<scalar_t, acc_t><<<blocks_for(cols, kThreads / kWarp), kThreads, 0, stream>>>(
-        pm, ps, y, cols, static_cast<int>(splits), log_k);
+        pm, ps, y, stats, cols, static_cast<int>(splits), log_k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 template <typename scalar_t>
-void launch_forward(const LmeLayout& L, at::Tensor& out, cudaStream_t stream) {
+void launch_forward(const LmeLayout& L, at::Tensor& out, at::Tensor& stats_t, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x = L.x.const_data_ptr<scalar_t>();
   scalar_t* y = out.mutable_data_ptr<scalar_t>();
-  const acc_t log_k = static_cast<acc_t>(std::log(static_cast<double>(L.K)));
+  acc_t* stats = stats_t.defined() ? stats_t.mutable_data_ptr<acc_t>() : nullptr;
+  const double log_k = std::log(static_cast<double>(L.K));
   const int64_t rows = L.outer;
   const int64_t target_blocks = 2 * static_cast<int64_t>(multiprocessors(out.device().index()));
   if (L.inner > 1) {
     // TX: the narrowest power of two (4 to 32) that holds a slab's columns
     const int64_t n = L.inner;
-    if (n <= 4) launch_cols<scalar_t, 4>(L, x, y, target_blocks, out, stream);
-    else if (n <= 8) launch_cols<scalar_t, 8>(L, x, y, target_blocks, out, stream);
-    else if (n <= 16) launch_cols<scalar_t, 16>(L, x, y, target_blocks, out, stream);
-    else launch_cols<scalar_t, kWarp>(L, x, y, target_blocks, out, stream);
+    if (n <= 4) launch_cols<scalar_t, 4>(L, x, y, stats, target_blocks, out, stream);
+    else if (n <= 8) launch_cols<scalar_t, 8>(L, x, y, stats, target_blocks, out, stream);
+    else if (n <= 16) launch_cols<scalar_t, 16>(L, x, y, stats, target_blocks, out, stream);
+    else launch_cols<scalar_t, kWarp>(L, x, y, stats, target_blocks, out, stream);
     return;
   }
   if (L.K <= kWarpMaxK) {
     const int group = L.K <= 4 ? 4 : L.K <= 8 ? 8 : L.K <= 16 ? 16 : kWarp;
     const int64_t blocks = blocks_for(rows, kThreads / group);
     switch (group) {
-      case 4: rows_group_kernel<scalar_t, acc_t, 4><<<blocks, kThreads, 0, stream>>>(x, y, rows, L.K, log_k); break;
-      case 8: rows_group_kernel<scalar_t, acc_t, 8><<<blocks, kThreads, 0, stream>>>(x, y, rows, L.K, log_k); break;
-      case 16: rows_group_kernel<scalar_t, acc_t, 16><<<blocks, kThreads, 0, stream>>>(x, y, rows, L.K, log_k); break;
-      default: rows_group_kernel<scalar_t, acc_t, kWarp><<<blocks, kThreads, 0, stream>>>(x, y, rows, L.K, log_k); break;
+      case 4: rows_group_kernel<scalar_t, acc_t, 4><<<blocks, kThreads, 0, stream>>>(x, y, stats, rows, L.K, log_k); break;
+      case 8: rows_group_kernel<scalar_t, acc_t, 8><<<blocks, kThreads, 0, stream>>>(x, y, stats, rows, L.K, log_k); break;
+      case 16: rows_group_kernel<scalar_t, acc_t, 16><<<blocks, kThreads, 0, stream>>>(x, y, stats, rows, L.K, log_k); break;
+      default: rows_group_kernel<scalar_t, acc_t, kWarp><<<blocks, kThreads, 0, stream>>>(x, y, stats, rows, L.K, log_k); break;
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
@@ -319,29 +358,46 @@ void launch_forward(const LmeLayout& L, at::Tensor& out, cudaStream_t stream) {
     ps = pm + rows * splits;
   }
   rows_block_kernel<scalar_t, acc_t><<<rows * splits, kThreads, 0, stream>>>(
-      x, y, pm, ps, L.K, chunk, static_cast<int>(splits), log_k);
+      x, y, stats, rows, pm, ps, L.K, chunk, static_cast<int>(splits), log_k);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
     combine_kernel<scalar_t, acc_t><<<blocks_for(rows, kThreads / kWarp), kThreads, 0, stream>>>(
-        pm, ps, y, rows, static_cast<int>(splits), log_k);
+        pm, ps, y, stats, rows, static_cast<int>(splits), log_k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-at::Tensor logmeanexp_cuda(const at::Tensor& logw, int64_t dim) {
+std::tuple<at::Tensor, at::Tensor> logmeanexp_cuda_impl(const at::Tensor& logw, int64_t dim,
+                                                        bool want_stats) {
   const LmeLayout L = lme_layout(logw, dim, "logmeanexp");
   const c10::cuda::CUDAGuard guard(logw.device());
-  at::Tensor out = at::empty(lme_out_shape(logw, L.dim), logw.options());
-  if (out.numel() == 0) return out;
+  const auto out_shape = lme_out_shape(logw, L.dim);
+  at::Tensor out = at::empty(out_shape, logw.options());
+  at::Tensor stats;
+  if (want_stats) {
+    std::vector<int64_t> stats_shape{2};
+    stats_shape.insert(stats_shape.end(), out_shape.begin(), out_shape.end());
+    stats = at::empty(stats_shape, logw.options().dtype(lme_acc_type(logw.scalar_type())));
+  }
+  if (out.numel() == 0) return {out, stats};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logw.scalar_type(), "logmeanexp_cuda",
-                                  [&] { launch_forward<scalar_t>(L, out, stream); });
-  return out;
+                                  [&] { launch_forward<scalar_t>(L, out, stats, stream); });
+  return {out, stats};
+}
+
+at::Tensor logmeanexp_cuda(const at::Tensor& logw, int64_t dim) {
+  return std::get<0>(logmeanexp_cuda_impl(logw, dim, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> logmeanexp_stats_cuda(const at::Tensor& logw, int64_t dim) {
+  return logmeanexp_cuda_impl(logw, dim, true);
 }
 
 at::Tensor logmeanexp_backward_cuda(const at::Tensor& grad_out, const at::Tensor& logw,
-                                    const at::Tensor& out, int64_t dim) {
-  LmeBackwardArgs a = lme_backward_args(grad_out, logw, out, dim, "logmeanexp_backward");
+                                    const at::Tensor& out, int64_t dim,
+                                    const c10::optional<at::Tensor>& stats) {
+  LmeBackwardArgs a = lme_backward_args(grad_out, logw, out, dim, stats, "logmeanexp_backward");
   const c10::cuda::CUDAGuard guard(logw.device());
   const int64_t numel = a.in.x.numel();
   if (numel == 0) return a.grad_logw;
@@ -351,11 +407,12 @@ at::Tensor logmeanexp_backward_cuda(const at::Tensor& grad_out, const at::Tensor
         using acc_t = at::opmath_type<scalar_t>;
         const acc_t log_k = static_cast<acc_t>(std::log(static_cast<double>(a.in.K)));
         const int64_t blocks =
-            std::min<int64_t>(blocks_for(numel, kThreads), 32LL * multiprocessors(logw.device().index()));
+            std::min<int64_t>(blocks_for(numel, kThreads), backward_max_blocks(logw.device().index()));
         backward_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
             a.grad_out.const_data_ptr<scalar_t>(), a.in.x.const_data_ptr<scalar_t>(),
-            a.out.const_data_ptr<scalar_t>(), a.grad_x.mutable_data_ptr<scalar_t>(), numel,
-            a.in.K, a.in.inner, log_k);
+            a.ref.const_data_ptr<acc_t>(),
+            a.offset.defined() ? a.offset.const_data_ptr<acc_t>() : nullptr,
+            a.grad_x.mutable_data_ptr<scalar_t>(), numel, a.in.K, a.in.inner, log_k);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   lme_backward_finish(a);
@@ -366,6 +423,7 @@ at::Tensor logmeanexp_backward_cuda(const at::Tensor& grad_out, const at::Tensor
 
 TORCH_LIBRARY_IMPL(iwae_ext, CUDA, m) {
   m.impl("logmeanexp", &logmeanexp_cuda);
+  m.impl("logmeanexp_stats", &logmeanexp_stats_cuda);
   m.impl("logmeanexp_backward", &logmeanexp_backward_cuda);
 }
 

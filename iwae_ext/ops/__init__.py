@@ -7,15 +7,15 @@ from . import reference
 from ._bayes_linear import bayes_linear
 from ._bernoulli import bernoulli_log_prob, bernoulli_log_prob_grad_h
 from ._hmc import AcceptResult, hmc_accept, hmc_leapfrog
-from ._logmeanexp import logmeanexp, logmeanexp_backward
+from ._logmeanexp import logmeanexp, logmeanexp_backward, logmeanexp_stats
 from ._random import keyed_normal, keyed_uniform
 
 # Every operator of the library, as named in torch.ops.iwae_ext.
-OP_NAMES = ("logmeanexp", "logmeanexp_backward", "bayes_linear", "bayes_linear_backward", "hmc_leapfrog",
+OP_NAMES = ("logmeanexp", "logmeanexp_stats", "logmeanexp_backward", "bayes_linear", "bayes_linear_backward", "hmc_leapfrog",
             "hmc_leapfrog_backward", "hmc_accept", "keyed_random", "bernoulli_log_prob",
             "bernoulli_log_prob_backward", "bernoulli_log_prob_grad_h", "bernoulli_log_prob_dlogit")
 
-__all__ = ["logmeanexp", "logmeanexp_backward", "bayes_linear", "bernoulli_log_prob",
+__all__ = ["logmeanexp", "logmeanexp_stats", "logmeanexp_backward", "bayes_linear", "bernoulli_log_prob",
            "bernoulli_log_prob_grad_h", "hmc_leapfrog", "hmc_accept", "AcceptResult",
            "keyed_normal", "keyed_uniform",
            "reference", "OP_NAMES"]

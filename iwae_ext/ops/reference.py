@@ -12,11 +12,24 @@ def logmeanexp(logw: Tensor, dim: int = -1) -> Tensor:
     return torch.logsumexp(logw, dim) - math.log(logw.shape[dim])
 
 
-def logmeanexp_backward(grad_out: Tensor, logw: Tensor, out: Tensor, dim: int = -1) -> Tensor:
-    """grad_out * softmax(logw, dim); zero for rows whose out is -inf. Shape of logw."""
-    lse = (out + math.log(logw.shape[dim])).unsqueeze(dim)
-    p = torch.exp(logw - lse)
-    p = torch.where(torch.isneginf(lse), torch.zeros_like(p), p)
+def logmeanexp_stats(logw: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
+    """(logmeanexp, stats): stats [2, ...] is the row max and the log of sum exp(logw - max)."""
+    m = logw.amax(dim)
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    ls = torch.log(torch.exp(logw - shift.unsqueeze(dim)).sum(dim))  # -inf for a row of -inf
+    return logmeanexp(logw, dim), torch.stack([m, ls])
+
+
+def logmeanexp_backward(grad_out: Tensor, logw: Tensor, out: Tensor, dim: int = -1,
+                        stats: Tensor | None = None) -> Tensor:
+    """grad_out * softmax(logw, dim); zero for rows whose out is -inf. Shape of logw. With
+    ``stats`` (logmeanexp_stats's), softmax = exp((logw - max) - log sum)."""
+    if stats is None:
+        ref, off = out.unsqueeze(dim), math.log(logw.shape[dim])
+    else:
+        ref, off = stats[0].unsqueeze(dim), stats[1].unsqueeze(dim)
+    p = torch.exp((logw - ref) - off)
+    p = torch.where(torch.isneginf(ref), torch.zeros_like(p), p)
     return grad_out.unsqueeze(dim) * p
 
 
