@@ -23,6 +23,31 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(_CUDA_SKIP is not None, reason=str(_CUDA_SKIP))),
 ]
 
+
+def _is_cuda_case(item) -> bool:
+    """A CUDA case: a parameter equal to "cuda" (the DEVICES id), or marked ``cuda``."""
+    if item.get_closest_marker("cuda") is not None:
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and any(v == "cuda" for v in callspec.params.values())
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: a test that runs only on a CUDA device (no device parameter)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """IWAE_EXT_TESTS=cuda keeps the CUDA cases only (the GPU script: CI runs the CPU ones); every
+    CUDA case gets the ``cuda`` marker, so ``-m cuda`` selects them too."""
+    for item in items:
+        if _is_cuda_case(item):
+            item.add_marker(pytest.mark.cuda)
+    if os.environ.get("IWAE_EXT_TESTS") == "cuda":
+        keep = [item for item in items if _is_cuda_case(item)]
+        config.hook.pytest_deselected(items=[item for item in items if not _is_cuda_case(item)])
+        items[:] = keep
+
+
 settings.register_profile(
     "ci",
     derandomize=True,

@@ -69,6 +69,12 @@ def test_opcheck(device, requires_grad):
     for mask in ([True] * 6, [False, True, True, True, True, False]):
         torch.library.opcheck(torch.ops.iwae_ext.bayes_linear_backward.default,
                               (g, x, wmu, wrho, brho, eps, std, mask))
+    # non-contiguous x and eps: the kernels return contiguous d_x and d_eps, and so does the fake
+    xt = torch.randn(4, 3, 5, dtype=torch.float64, device=device).transpose(0, 1)
+    et = torch.randn(4, 3, 2, dtype=torch.float64, device=device).transpose(0, 1)
+    _, std_t = torch.ops.iwae_ext.bayes_linear(xt, wmu, wrho, args[3].detach(), brho, et)
+    torch.library.opcheck(torch.ops.iwae_ext.bayes_linear_backward.default,
+                          (g, xt, wmu, wrho, brho, et, std_t, [True] * 6))
 
 
 @given(lead=st.lists(st.integers(1, 6), min_size=1, max_size=2), n_in=st.integers(1, 8),
@@ -173,6 +179,7 @@ def test_zero_in_or_out_features(device, n_in, n_out):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(DEVICES[1].marks[0].args[0], reason="needs a CUDA device and kernels")
 @pytest.mark.parametrize("moved", range(6))
 def test_a_tensor_on_another_device_is_named(moved):

@@ -218,6 +218,7 @@ def test_bad_input_names_the_argument(device):
                                                       [True, True, True])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(DEVICES[1].marks[0].args[0], reason="needs a CUDA device and kernels")
 @pytest.mark.parametrize("moved", range(4))
 def test_a_tensor_on_another_device_is_named(moved):

@@ -60,6 +60,7 @@ def test_compile_refused_for_a_kind_that_does_not_trace():
         iwae_ext.train(model="aiwae", compile=True, **TINY)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("compile", [False, True])
 def test_an_epoch_on_cuda_reads_nothing_back(tmp_path, monkeypatch, compile):

@@ -272,6 +272,7 @@ def test_fake_kernels_under_compile():
     torch.testing.assert_close(got[1], want[3])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(DEVICES[1].marks[0].args[0], reason="needs a CUDA device and kernels")
 def test_a_tensor_on_another_device_is_named():
     """z on the CPU and p on the GPU (or the reverse) reaches the CUDA kernel, whose checks name

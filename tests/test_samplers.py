@@ -229,6 +229,7 @@ def _small_cuda_model_chains(seed):
     return samplers.model_ais_densities(model, x, 8, "posterior", True, g), g
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(DEVICES[1].marks[0].args[0], reason="needs a CUDA device and kernels")
 def test_no_host_synchronisation_in_the_temperature_loop():
     """torch.cuda.set_sync_debug_mode('error') raises on any device-to-host read or blocking copy
@@ -245,6 +246,7 @@ def test_no_host_synchronisation_in_the_temperature_loop():
     assert torch.isfinite(res.log_weights).all()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(DEVICES[1].marks[0].args[0], reason="needs a CUDA device and kernels")
 def test_cuda_graph_captures_once_and_replays_every_later_temperature():
     """The graphed loop of a package model: the capture succeeds (no fallback warning), every

@@ -44,7 +44,8 @@ def _bayes_linear_backward_fake(grad_out, x, weight_mu, weight_rho, bias_rho, ep
     for name, t in (("grad_out", grad_out), ("std", std)):
         torch._check(list(t.shape) == shape, lambda: f"bayes_linear_backward: {name} must have shape {shape}")
     like = (x, weight_mu, weight_rho, weight_mu.new_empty(weight_mu.shape[0]), bias_rho, eps)
-    return tuple(torch.empty_like(t) if m else None for t, m in zip(like, output_mask))
+    # contiguous, as the kernels return them (empty_like would copy a transposed x's strides)
+    return tuple(t.new_empty(t.shape) if m else None for t, m in zip(like, output_mask))
 
 
 # Autograd is registered in C++ (csrc/autograd.cpp); double backward raises a clear error.
