@@ -1,5 +1,6 @@
 """logmeanexp: the kernels against the float64 twin, autograd, edge cases, torch.compile."""
 import math
+import os
 
 import pytest
 import torch
@@ -89,6 +90,15 @@ def test_half_inputs_accumulate_in_float32(device, dtype):
         # Exact on the rounded inputs up to the final rounding to dtype.
         want = reference.logmeanexp(xl.double(), dim).to(dtype)
         torch.testing.assert_close(ours, want, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps)
+        # the backward, from the float32 stats: softmax of the rounded inputs, rounded once
+        xg = xl.clone().requires_grad_()
+        g = torch.randn(ours.shape, dtype=torch.float64, device=device, generator=None).to(dtype)
+        logmeanexp(xg, dim).backward(g)
+        assert xg.grad.dtype == dtype
+        want_g = (g.double().unsqueeze(dim) * torch.softmax(xl.double(), dim)).to(dtype)
+        torch.testing.assert_close(xg.grad, want_g, rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+        _, stats = logmeanexp_stats(xl, dim)
+        assert stats.dtype == torch.float32
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -348,6 +358,31 @@ def test_stats_are_the_row_max_and_the_log_normalised_sum(device):
         BACKWARD_OP(g, x, out, 2, stats.float())
     with pytest.raises(RuntimeError, match="stats must have shape"):
         BACKWARD_OP(g, x, out, 2, stats[:, :1])
+
+
+_GRID_STRIDE = """
+import torch, iwae_ext
+from iwae_ext.ops import logmeanexp, reference
+for shape, dim in (((300, 1000), -1), ((1000, 300), 0)):
+    x = torch.randn(shape, dtype=torch.float64, device="cuda").requires_grad_()
+    g = torch.randn(reference.logmeanexp(x.detach(), dim).shape, dtype=torch.float64, device="cuda")
+    logmeanexp(x, dim).backward(g)
+    want = reference.logmeanexp_backward(g, x.detach(), reference.logmeanexp(x.detach(), dim), dim)
+    torch.testing.assert_close(x.grad, want, rtol=1e-12, atol=1e-14)
+print("ok")
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(DEVICES[1].marks[0].args[0], reason="needs a CUDA device and kernels")
+def test_backward_grid_stride_loop_past_one_pass():
+    """The backward's grid is capped (IWAE_EXT_LME_BACKWARD_MAX_BLOCKS=2: 512 threads for 300,000
+    values), so every thread walks its grid-stride loop many times; the gradient is the twin's."""
+    import subprocess
+    import sys
+    env = dict(os.environ, IWAE_EXT_LME_BACKWARD_MAX_BLOCKS="2")
+    r = subprocess.run([sys.executable, "-c", _GRID_STRIDE], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

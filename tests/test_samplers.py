@@ -2,6 +2,7 @@
 and its O(step^2) energy error, HMC's invariance for a correlated Gaussian, AIS's log Z for a
 linear-Gaussian model, the hand-written decoder gradient against autograd, and a 2-D-latent
 model whose log p(x) a dense grid gives (AIS agrees, L_5000 stays below, BDMC sandwiches)."""
+import copy
 import math
 import warnings
 
@@ -415,6 +416,36 @@ def test_bdmc_sandwich_holds_on_data_simulated_from_the_default_model():
     se = (r.lower_stderr.square() + r.upper_stderr.square()).sum().sqrt() / gap.numel()
     assert torch.isfinite(gap).all()
     assert float(gap.mean()) >= -2 * float(se), (gap, se)
+
+
+def _evaluation_on(model, xs, device, sim, monkeypatch):
+    """L_k, AIS (pilot, recorded steps) and BDMC of `model` on `device` with keyed streams."""
+    m = copy.deepcopy(model).to(device)
+    x = xs.to(device)
+    monkeypatch.setattr(evaluate, "simulate", lambda model, n, generator=None: (sim[0].to(device), sim[1].to(device)))
+    lk = evaluate.iwae_log_likelihood(m, x, k=200, seed=3)
+    ais = evaluate.ais_log_likelihood(m, x, num_chains=4, num_temps=30, num_leapfrog=3, seed=4,
+                                      return_details=True, record_step_sizes=True)
+    bd = evaluate.bdmc(m, num_points=sim[0].shape[0], num_chains=4, num_temps=30, num_leapfrog=3, seed=5)
+    return lk.cpu(), ais, bd
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(DEVICES[1].marks[0].args[0], reason="needs a CUDA device and kernels")
+def test_evaluation_on_cuda_agrees_with_the_cpu(small_2d_model, monkeypatch):
+    """L_k, AIS (the temperature loop in a CUDA graph with the keyed noise and the pilot inside
+    it) and BDMC on CUDA give the CPU's numbers: every random number is keyed by image, chain
+    and temperature on both devices (float64; the same accept decisions)."""
+    model, x = small_2d_model
+    xs = x[:5]
+    sim = evaluate.simulate(model, 4, torch.Generator().manual_seed(6))
+    cpu = _evaluation_on(model, xs, "cpu", sim, monkeypatch)
+    gpu = _evaluation_on(model, xs, "cuda", sim, monkeypatch)
+    torch.testing.assert_close(gpu[0], cpu[0], rtol=0, atol=1e-9)
+    torch.testing.assert_close(gpu[1].log_weights, cpu[1].log_weights, rtol=0, atol=1e-7)
+    torch.testing.assert_close(gpu[1].step_schedule, cpu[1].step_schedule, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gpu[2].lower, cpu[2].lower, rtol=0, atol=1e-7)
+    torch.testing.assert_close(gpu[2].upper, cpu[2].upper, rtol=0, atol=1e-7)
 
 
 def test_fast_and_autograd_ais_give_the_same_chains(small_2d_model):
