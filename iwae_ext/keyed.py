@@ -71,7 +71,11 @@ class KeyedNoise:
         if not isinstance(index, Tensor) or index.dim() != 1:
             raise ValueError(f"index must be a 1-D tensor of image indices, got "
                              f"{tuple(index.shape) if isinstance(index, Tensor) else type(index).__name__}")
-        self.index = index.to(device=device if device is not None else index.device, dtype=torch.int64)
+        device = torch.device(device) if device is not None else index.device
+        # no conversion where none is needed (under torch.compile, no graph node for it)
+        if index.dtype != torch.int64 or index.device != device:
+            index = index.to(device=device, dtype=torch.int64)
+        self.index = index
         self.device = self.index.device
 
     @property

@@ -241,6 +241,12 @@ def _use_compile(config: TrainConfig, n_train: int, device: torch.device) -> boo
     """``config.compile``, or (None) whether compiling pays here: the kind traces into one graph
     and the run is long enough for the measured saving per step to repay the compilation."""
     kind_cls = KINDS[config.model]
+    if _hook_breaks_inductor(config):
+        if config.compile:
+            raise ValueError(f"compile: estimator 'dreg' compiles with torch >= 2.13 only (torch "
+                             f"{torch.__version__}'s inductor mis-orders the graph of its gradient hook); "
+                             f"use compile=False or a newer torch")
+        return False
     if config.compile is None:
         steps = config.epochs * math.ceil(n_train / config.batch_size)
         return kind_cls.compilable and steps >= COMPILE_MIN_STEPS.get(device.type, math.inf)
@@ -249,6 +255,14 @@ def _use_compile(config: TrainConfig, n_train: int, device: torch.device) -> boo
                          f"Python loop); use compile=False")
     return bool(config.compile)
 
+
+def _hook_breaks_inductor(config: TrainConfig) -> bool:
+    """DReG scales z's gradient by a hook over a tensor of the step; torch 2.11's inductor builds
+    that hook's graph without the step's inputs ("used before it has been defined")."""
+    return getattr(config, "estimator", "standard") == "dreg" and _TORCH_VERSION < (2, 13)
+
+
+_TORCH_VERSION = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 
 # compile=None compiles a run of at least this many steps (benchmarks/bench_train.py measures the
 # saving per step and the compilation time on each device type).
