@@ -60,8 +60,14 @@ def plain_iwae_loss(model, x, k):
 
 def trainer_block(args, dataset, device, compile, fused=True, group=None, flush_denormal=True):
     """A function running ``n`` steps of the trainer's loop (a fresh run with these settings)."""
-    cfg = TrainConfig(k=args.k, batch_size=args.batch_size, estimator=args.estimator, fused=fused,
-                      progress=False, epochs=1, flush_denormal=flush_denormal).resolved(dataset)
+    arch = {}
+    if getattr(args, "hidden", None):
+        arch["hidden"] = [args.hidden]
+    if getattr(args, "latent_dim", None):
+        arch["latent_dim"] = [args.latent_dim]
+    cfg = TrainConfig(model=getattr(args, "model", "iwae"), k=args.k, batch_size=args.batch_size,
+                      estimator=args.estimator, fused=fused, progress=False, epochs=1,
+                      flush_denormal=flush_denormal, **arch).resolved(dataset)
     cfg.compile = compile
     cfg.sync_every = args.steps
     run = _Run(cfg, dataset, device, group or Dist(device), None)
@@ -139,6 +145,10 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--estimator", default="standard")
+    p.add_argument("--model", default="iwae", help="the model kind (paper 000's setting: --model iwaer "
+                   "--hidden 400 --latent-dim 20 --k 25)")
+    p.add_argument("--hidden", type=int, nargs="+", help="hidden units of the one stochastic layer")
+    p.add_argument("--latent-dim", type=int)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--steps", type=int, default=50, help="steps per timed block")
     p.add_argument("--rounds", type=int, default=7, help="timed blocks per variant")
@@ -160,7 +170,7 @@ def main():
     blocks["twin"] = trainer_block(args, dataset, device, False, fused=False)
     if device.type == "cpu":
         blocks["subnormal"] = trainer_block(args, dataset, device, False, flush_denormal=False)
-    if args.estimator == "standard":
+    if args.estimator == "standard" and args.model == "iwae" and not args.hidden and not args.latent_dim:
         blocks["plain"] = plain_block(args, dataset, device)
     names = list(blocks)
     for name in names:
@@ -172,7 +182,8 @@ def main():
             t0 = time.perf_counter()
             blocks[name](args.steps)
             times[name].append((time.perf_counter() - t0) / args.steps)
-    result = {"k": args.k, "estimator": args.estimator, "batch_size": args.batch_size,
+    result = {"model": args.model, "hidden": args.hidden, "latent_dim": args.latent_dim,
+              "k": args.k, "estimator": args.estimator, "batch_size": args.batch_size,
               "steps_per_epoch": steps_per_epoch, "rounds": args.rounds, "steps_per_round": args.steps}
     for name in names:
         med = statistics.median(times[name])
@@ -217,7 +228,8 @@ def main():
               f"(measured after it, not interleaved)")
     payload = {"benchmark": "train_step", "device": device_name(device.type), "build": iwae_ext.build_info(),
                "results": [result]}
-    print("saved", save(payload, device.type, f"train-k{args.k}-b{args.batch_size}", args.out))
+    tag = "" if args.model == "iwae" else f"{args.model}-"
+    print("saved", save(payload, device.type, f"train-{tag}k{args.k}-b{args.batch_size}", args.out))
 
 
 if __name__ == "__main__":
