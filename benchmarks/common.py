@@ -54,13 +54,15 @@ def measure(fn, device: str, label: str, sub_label: str, description: str,
     return benchmark.Measurement.merge(runs)[0]
 
 
-def measure_interleaved(fns: dict, device: str, rounds: int = 21, block_seconds: float = 0.05) -> dict:
+def measure_interleaved(fns: dict, device: str, rounds: int = 21, block_seconds: float = 0.05,
+                        warmup: int = 3) -> dict:
     """Paired timing of several variants on a shared, noisy machine: each of ``rounds`` rounds
     times every variant for one block (the order rotating between rounds), so slow phases of the
     machine hit all variants alike. Returns {name: [seconds per call, one per round]}; compare
-    variants by the median of their per-round ratios."""
+    variants by the median of their per-round ratios. ``warmup`` calls of each precede the one
+    that sizes the blocks (which warms up too: 0 suits calls of seconds)."""
     for fn in fns.values():  # warm-up
-        for _ in range(3):
+        for _ in range(warmup):
             fn()
     synchronize(device)
     number = {}

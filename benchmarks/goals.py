@@ -138,7 +138,7 @@ def bayes_linear_speed(a, device):
     def run(fn):
         return lambda: torch.autograd.grad(fn(x, *params, eps), [x, *params], g)
     fns = {"ours": run(bayes_linear), "eager": run(reference.bayes_linear)}
-    times = measure_interleaved(fns, device, rounds=5 if a.quick else 15, block_seconds=0.0)
+    times = measure_interleaved(fns, device, rounds=5 if a.quick else 15, block_seconds=0.0, warmup=1)
     r, rng = ratios(times, "eager", "ours")
     record("bayes_linear", "forward+backward not slower than eager, M = 2,500, 784 -> 400", fmt(r, rng),
            r >= 1.0, times=times)
@@ -184,7 +184,7 @@ def end_to_end(a, device):
     for p in model.parameters():
         p.requires_grad_(False)
     xt = ds.split("test").to(device)
-    n_l, n_a, temps = (20, 10, 50) if a.quick else (200, 50, 200)
+    n_l, n_a, temps = (20, 10, 50) if a.quick else (200, 25, 100)
     xl, xa = xt[:n_l], xt[:n_a]
     lk = lambda: evaluate.iwae_log_likelihood(model, xl, k=5000, seed=1)  # noqa: E731
     ais = lambda: evaluate.ais_log_likelihood(model, xa, num_chains=16, num_temps=temps, seed=1)  # noqa: E731
@@ -192,7 +192,7 @@ def end_to_end(a, device):
                                  ("AIS", ais, 1.05, f"{n_a} images, {temps} temperatures")):
         fns = {"fused": fused_as(model, True, fn), "reference": fused_as(model, False, fn),
                "floor": _matmul_floor(fused_as(model, True, fn))}
-        times = measure_interleaved(fns, device, rounds=3 if a.quick else 5, block_seconds=0.0)
+        times = measure_interleaved(fns, device, rounds=3 if a.quick else 5, block_seconds=0.0, warmup=0)
         r, rng = ratios(times, "reference", "fused")
         bound, _ = ratios(times, "reference", "floor")
         record("end to end", f"{name} >= {goal}x the reference output layer ({what})",
@@ -213,7 +213,7 @@ def ais_speed(a, device):
            "per_chain": lambda: B.per_chain(model, x, betas, 10, 0.05, gen),
            "authors": lambda: B.authors(model, x, betas, 10, 0.05, gen),
            "matmuls": B.matmul_floor(model, c + pilot * x.shape[0], temps, 10, device)}
-    times = measure_interleaved(fns, device, rounds=3 if a.quick else 7, block_seconds=0.0)
+    times = measure_interleaved(fns, device, rounds=3 if a.quick else 7, block_seconds=0.0, warmup=1)
     r, rng = ratios(times, "authors", "ours")
     record("AIS", f">= 2x the AIWAE authors' loop structure ({c} chains)", fmt(r, rng), r >= 2.0, times=times)
     r, rng = ratios(times, "ours", "matmuls")

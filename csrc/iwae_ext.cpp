@@ -5,6 +5,7 @@
 
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
@@ -71,6 +72,16 @@ at::ScalarType lme_acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+static std::vector<int64_t> lme_stats_shape(const std::vector<int64_t>& out_shape) {
+  std::vector<int64_t> shape{2};
+  shape.insert(shape.end(), out_shape.begin(), out_shape.end());
+  return shape;
+}
+
+at::Tensor lme_new_stats(const at::Tensor& logw, const std::vector<int64_t>& out_shape) {
+  return at::empty(lme_stats_shape(out_shape), logw.options().dtype(lme_acc_type(logw.scalar_type())));
+}
+
 LmeBackwardArgs lme_backward_args(const at::Tensor& grad_out, const at::Tensor& logw,
                                   const at::Tensor& out, int64_t dim,
                                   const c10::optional<at::Tensor>& stats, const char* op) {
@@ -87,8 +98,7 @@ LmeBackwardArgs lme_backward_args(const at::Tensor& grad_out, const at::Tensor& 
   a.grad_out = grad_out.contiguous();
   const at::ScalarType acc = lme_acc_type(logw.scalar_type());
   if (stats.has_value() && stats->defined()) {
-    std::vector<int64_t> stats_shape{2};
-    stats_shape.insert(stats_shape.end(), out_shape.begin(), out_shape.end());
+    const std::vector<int64_t> stats_shape = lme_stats_shape(out_shape);
     IWAE_CHECK_SAME_DEVICE("logmeanexp_backward", "stats", *stats, "logw", logw);
     IWAE_CHECK_SHAPE("logmeanexp_backward", "stats", *stats, at::IntArrayRef(stats_shape));
     TORCH_CHECK(stats->scalar_type() == acc, op, ": stats must be ", acc, " for logw of dtype ",

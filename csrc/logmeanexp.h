@@ -107,6 +107,10 @@ std::vector<int64_t> lme_out_shape(const at::Tensor& logw, int64_t dim);
 // float16, bfloat16 and float32, float64 for float64.
 at::ScalarType lme_acc_type(at::ScalarType t);
 
+// An empty stats tensor for logw's output of shape out_shape: [2, *out_shape] (row max, log
+// of the normalised sum), in the accumulation dtype, on logw's device.
+at::Tensor lme_new_stats(const at::Tensor& logw, const std::vector<int64_t>& out_shape);
+
 // Checks of the backward's arguments; returns the layouts of logw and of grad_logw (which
 // is allocated here with empty_like(logw)), plus contiguous grad_out and the reference pair:
 // from stats [2, *out_shape] (row max, log of the normalised sum) when given, else (out, log K).

@@ -232,11 +232,7 @@ std::tuple<at::Tensor, at::Tensor> logmeanexp_cpu_impl(const at::Tensor& logw, i
   const auto out_shape = lme_out_shape(logw, L.dim);
   at::Tensor out = at::empty(out_shape, logw.options());
   at::Tensor stats;
-  if (want_stats) {
-    std::vector<int64_t> stats_shape{2};
-    stats_shape.insert(stats_shape.end(), out_shape.begin(), out_shape.end());
-    stats = at::empty(stats_shape, logw.options());
-  }
+  if (want_stats) stats = lme_new_stats(logw, out_shape);
   if (out.numel() == 0) return {out, stats};
   const int64_t n_out = out.numel();
   AT_DISPATCH_FLOATING_TYPES(logw.scalar_type(), "logmeanexp_cpu", [&] {

@@ -374,11 +374,7 @@ std::tuple<at::Tensor, at::Tensor> logmeanexp_cuda_impl(const at::Tensor& logw, 
   const auto out_shape = lme_out_shape(logw, L.dim);
   at::Tensor out = at::empty(out_shape, logw.options());
   at::Tensor stats;
-  if (want_stats) {
-    std::vector<int64_t> stats_shape{2};
-    stats_shape.insert(stats_shape.end(), out_shape.begin(), out_shape.end());
-    stats = at::empty(stats_shape, logw.options().dtype(lme_acc_type(logw.scalar_type())));
-  }
+  if (want_stats) stats = lme_new_stats(logw, out_shape);
   if (out.numel() == 0) return {out, stats};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logw.scalar_type(), "logmeanexp_cuda",
