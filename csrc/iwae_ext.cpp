@@ -103,9 +103,8 @@ LmeBackwardArgs lme_backward_args(const at::Tensor& grad_out, const at::Tensor& 
     IWAE_CHECK_SHAPE("logmeanexp_backward", "stats", *stats, at::IntArrayRef(stats_shape));
     TORCH_CHECK(stats->scalar_type() == acc, op, ": stats must be ", acc, " for logw of dtype ",
                 logw.scalar_type(), " (what logmeanexp_stats returns), got ", stats->scalar_type());
-    const at::Tensor st = stats->reshape({2, -1});
-    a.ref = st[0].contiguous();
-    a.offset = st[1].contiguous();
+    a.ref = stats->contiguous();  // no copy for the forward's own stats
+    a.has_offset = true;
   } else {
     a.ref = out.reshape({-1}).to(acc).contiguous();
   }

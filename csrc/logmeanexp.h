@@ -57,13 +57,19 @@ C10_HOST_DEVICE inline acc_t lme_shift(acc_t block_max) {
 
 // log((1/K) sum exp(x)) from the final pair: NaN if any input was NaN, -inf for a row of
 // -inf, +inf if the row holds +inf.
+// The same from (m, log s), for callers that keep log s (the backward's stats) too.
 template <typename acc_t>
-C10_HOST_DEVICE inline acc_t lme_finalize(acc_t m, acc_t s, acc_t log_k) {
-  if (s != s) return s;
+C10_HOST_DEVICE inline acc_t lme_finalize_log(acc_t m, acc_t log_s, acc_t log_k) {
+  if (log_s != log_s) return log_s;
   if (m == -std::numeric_limits<acc_t>::infinity() ||
       m == std::numeric_limits<acc_t>::infinity())
     return m;
-  return m + IWAE_LOG(s) - log_k;
+  return m + log_s - log_k;
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t lme_finalize(acc_t m, acc_t s, acc_t log_k) {
+  return lme_finalize_log(m, IWAE_LOG(s), log_k);
 }
 
 // The backward's reference pair of a row, (ref, offset) with softmax(x)_k = exp((x_k - ref) - offset):
@@ -117,8 +123,16 @@ at::Tensor lme_new_stats(const at::Tensor& logw, const std::vector<int64_t>& out
 struct LmeBackwardArgs {
   LmeLayout in;
   at::Tensor grad_out;    // contiguous, [outer * inner]
-  at::Tensor ref;         // contiguous, [outer * inner], the accumulation dtype
-  at::Tensor offset;      // likewise, or undefined: log K for every row
+  at::Tensor ref;         // contiguous, the accumulation dtype: [outer * inner] (ref), or with
+                          // stats [2, outer * inner] (ref, then offset)
+  bool has_offset = false;  // ref holds the offsets after the references; else log K
+  // The references and the offsets (null: log K), typed.
+  template <typename acc_t>
+  const acc_t* ref_ptr() const { return ref.const_data_ptr<acc_t>(); }
+  template <typename acc_t>
+  const acc_t* offset_ptr() const {
+    return has_offset ? ref.const_data_ptr<acc_t>() + in.outer * in.inner : nullptr;
+  }
   at::Tensor grad_logw;   // empty_like(logw): what the op returns
   at::Tensor grad_x;      // where the kernel writes, laid out like in.x
   bool write_back = false;  // grad_x is a buffer to copy into grad_logw afterwards

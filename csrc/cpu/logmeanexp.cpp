@@ -91,10 +91,11 @@ IWAE_INLINE void rows_forward(const T* x, T* out, T* stats, int64_t rows, int64_
       block_partial(row + b, std::min(kBlock, K - b), bm, bs);
       lme_combine<double>(m, s, bm, bs);
     }
-    out[r] = static_cast<T>(lme_finalize(m, s, log_k));
+    const double ls = lme_log_sum(s);
+    out[r] = static_cast<T>(lme_finalize_log(m, ls, log_k));
     if (stats != nullptr) {
       stats[r] = static_cast<T>(m);
-      stats[rows + r] = static_cast<T>(lme_log_sum(s));
+      stats[rows + r] = static_cast<T>(ls);
     }
   }
 }
@@ -269,10 +270,11 @@ std::tuple<at::Tensor, at::Tensor> logmeanexp_cpu_impl(const at::Tensor& logw, i
         double mj = m[o * chunks * L.inner + c], sj = s[o * chunks * L.inner + c];
         for (int64_t ch = 1; ch < chunks; ++ch)
           lme_combine<double>(mj, sj, m[(o * chunks + ch) * L.inner + c], s[(o * chunks + ch) * L.inner + c]);
-        y[j] = static_cast<scalar_t>(lme_finalize(mj, sj, log_k));
+        const double ls = lme_log_sum(sj);
+        y[j] = static_cast<scalar_t>(lme_finalize_log(mj, ls, log_k));
         if (st != nullptr) {
           st[j] = static_cast<scalar_t>(mj);
-          st[n_out + j] = static_cast<scalar_t>(lme_log_sum(sj));
+          st[n_out + j] = static_cast<scalar_t>(ls);
         }
       }
     });
@@ -298,8 +300,8 @@ at::Tensor logmeanexp_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES(logw.scalar_type(), "logmeanexp_backward_cpu", [&] {
     const scalar_t* g = a.grad_out.const_data_ptr<scalar_t>();
     const scalar_t* x = L.x.const_data_ptr<scalar_t>();
-    const scalar_t* ref = a.ref.const_data_ptr<scalar_t>();
-    const scalar_t* off = a.offset.defined() ? a.offset.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ref = a.ref_ptr<scalar_t>();
+    const scalar_t* off = a.offset_ptr<scalar_t>();
     scalar_t* gx = a.grad_x.mutable_data_ptr<scalar_t>();
     parallel_over(
         L, [&](int64_t r0, int64_t r1) { lme_rows_backward(g, x, ref, off, gx, L.K, r0, r1); },

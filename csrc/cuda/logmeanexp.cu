@@ -68,11 +68,11 @@ template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void write_result(scalar_t* __restrict__ out, acc_t* __restrict__ stats,
                                              int64_t n_out, int64_t j, acc_t m, acc_t s,
                                              double log_k) {
-  out[j] = static_cast<scalar_t>(
-      lme_finalize<double>(static_cast<double>(m), static_cast<double>(s), log_k));
+  const double ls = lme_log_sum(static_cast<double>(s));
+  out[j] = static_cast<scalar_t>(lme_finalize_log<double>(static_cast<double>(m), ls, log_k));
   if (stats != nullptr) {
     stats[j] = m;
-    stats[n_out + j] = lme_log_sum(s);
+    stats[n_out + j] = static_cast<acc_t>(ls);
   }
 }
 
@@ -406,8 +406,7 @@ at::Tensor logmeanexp_backward_cuda(const at::Tensor& grad_out, const at::Tensor
             std::min<int64_t>(blocks_for(numel, kThreads), backward_max_blocks(logw.device().index()));
         backward_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
             a.grad_out.const_data_ptr<scalar_t>(), a.in.x.const_data_ptr<scalar_t>(),
-            a.ref.const_data_ptr<acc_t>(),
-            a.offset.defined() ? a.offset.const_data_ptr<acc_t>() : nullptr,
+            a.ref_ptr<acc_t>(), a.offset_ptr<acc_t>(),
             a.grad_x.mutable_data_ptr<scalar_t>(), numel, a.in.K, a.in.inner, log_k);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
