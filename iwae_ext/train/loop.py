@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -231,9 +232,16 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
     # decided once and saved with the run: a resumed run keeps its mode (resume is exact per mode)
     config = dataclasses.replace(config, compile=_use_compile(config, dataset.split("train").shape[0], device))
     group = Dist(device)
+    run = None
     try:
-        return _Run(config, dataset, device, group, ckpt).run(should_stop)
+        run = _Run(config, dataset, device, group, ckpt)
+        return run.run(should_stop)
     finally:
+        # the run's DistributedDataParallel reducer sits in reference cycles: collected here, it
+        # goes while its process group still exists, not at interpreter exit after it (where a
+        # gloo rank could abort with "terminate called without an active exception")
+        del run
+        gc.collect()
         group.close()
 
 
