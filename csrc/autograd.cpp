@@ -117,7 +117,7 @@ at::Tensor logmeanexp_autograd(const at::Tensor& logw, int64_t dim) {
 at::Tensor logmeanexp_backward_autograd(const at::Tensor& grad_out, const at::Tensor& logw,
                                         const at::Tensor& out, int64_t dim,
                                         const c10::optional<at::Tensor>& stats) {
-  return LogMeanExpBackward::apply(grad_out, logw, out, dim, optional(stats.has_value() ? *stats : at::Tensor()));
+  return LogMeanExpBackward::apply(grad_out, logw, out, dim, stats);
 }
 
 using BayesLinearGrads =

@@ -73,10 +73,8 @@ def _acc_dtype(dtype):
 
 @torch.library.register_fake("iwae_ext::logmeanexp_stats")
 def _logmeanexp_stats_fake(logw, dim):
-    dim = _check_logw(logw, dim, "logmeanexp")
-    shape = list(logw.shape)
-    del shape[dim]
-    return logw.new_empty(shape), logw.new_empty([2, *shape], dtype=_acc_dtype(logw.dtype))
+    out = _logmeanexp_fake(logw, dim)
+    return out, logw.new_empty([2, *out.shape], dtype=_acc_dtype(logw.dtype))
 
 
 @torch.library.register_fake("iwae_ext::logmeanexp_backward")
