@@ -2,7 +2,7 @@
 
     python benchmarks/bench_bayes_linear.py [--device cpu|cuda] [--rows 2500 100000]
 
-Layers (in, out) = (784, 400), (400, 20), (400, 784) of paper 000's networks, at M rows
+Layers (in, out) = (784, 400), (400, 20), (400, 784) of Hernandez-Lobato et al.'s networks, at M rows
 (M = 2,500 = batch 100 x k 25, and 100,000). Variants, all float32, gradients to x and to every
 parameter with a fixed grad_out:
   iwae_ext  the fused op (two matmuls forward; analytic backward);

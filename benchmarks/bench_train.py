@@ -4,7 +4,7 @@
                                      [--ranks 2] [--out FILE]
 
 In this process, on the same data, interleaved round by round (the order rotating):
-  eager      the trainer's own step (iwae_ext.train's loop, compile=False): keyed draws, the
+  eager      the trainer's own step (iwae_ext.trainer.loop, compile=False): keyed draws, the
              fused ops, backward, the device-side non-finite check, fused Adam with found_inf;
   compiled   the same step with compile=True (torch.compile of the forward and backward; on
              CUDA a CUDA graph, mode="reduce-overhead");
@@ -38,10 +38,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_name, save, synchronize  # noqa: E402
 
 import iwae_ext  # noqa: E402
-from iwae_ext._eval_run import Dist  # noqa: E402
+from iwae_ext._distributed import Dist  # noqa: E402
 from iwae_ext.data import load_dataset  # noqa: E402
-from iwae_ext.train import TrainConfig  # noqa: E402
-from iwae_ext.train.loop import _Run, subnormals_as_zero  # noqa: E402
+from iwae_ext.trainer import TrainConfig  # noqa: E402
+from iwae_ext.trainer.loop import _Run, subnormals_as_zero  # noqa: E402
 
 
 def plain_iwae_loss(model, x, k):
@@ -97,7 +97,7 @@ def trainer_block(args, dataset, device, compile, fused=True, group=None, flush_
 
 
 def plain_block(args, dataset, device):
-    from iwae_ext.train import build_model
+    from iwae_ext.trainer import build_model
     cfg = TrainConfig(k=args.k, batch_size=args.batch_size, progress=False).resolved(dataset)
     torch.manual_seed(0)
     model = build_model(cfg, dataset).to(device)
@@ -145,7 +145,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--estimator", default="standard")
-    p.add_argument("--model", default="iwae", help="the model kind (paper 000's setting: --model iwaer "
+    p.add_argument("--model", default="iwae", help="the model kind (Hernandez-Lobato et al.'s setting: --model iwaer "
                    "--hidden 400 --latent-dim 20 --k 25)")
     p.add_argument("--hidden", type=int, nargs="+", help="hidden units of the one stochastic layer")
     p.add_argument("--latent-dim", type=int)

@@ -16,7 +16,7 @@ Goals (CPU; eager = the pure-PyTorch twin, `torch.logsumexp(x, dim) - log K` for
                  forward+backward >= 1.4x at [100, 50] and >= 3x at [10000, 5000];
                  float32 gradient error <= PyTorch's logsumexp backward's at value scales
                  1, 100 and 1e4 (values randn * scale - 300);
-  bayes_linear   forward+backward not slower than eager at paper 000's layers (M = 2,500);
+  bayes_linear   forward+backward not slower than eager at Hernandez-Lobato et al.'s layers (M = 2,500);
   bernoulli      the fused output layer's forward+backward not slower than the twin at the
                  training shape (k = 5, B = 100); its float32 value error <= 2x PyTorch's
                  BCE-with-logits error;
@@ -227,8 +227,8 @@ def ais_speed(a, device):
 
 def training(a, device):
     from bench_train import trainer_block
-    from iwae_ext.train import TrainConfig
-    from iwae_ext.train.loop import _use_compile
+    from iwae_ext.trainer import TrainConfig
+    from iwae_ext.trainer.loop import _use_compile
     dataset = load_dataset()
     n_train = dataset.split("train").shape[0]
     steps = 5 if a.quick else 40

@@ -76,7 +76,7 @@ def parts(k: int, b: int, reps: int = 30) -> dict:
         return (time.perf_counter() - t0) / reps
 
     out = {"matmuls": [], "likelihood_eager": [], "likelihood_compiled": []}
-    from iwae_ext.train.loop import subnormals_as_zero
+    from iwae_ext.trainer.loop import subnormals_as_zero
     with subnormals_as_zero():
         for _ in range(5):
             out["matmuls"].append(timed(matmuls))

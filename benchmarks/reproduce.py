@@ -8,7 +8,7 @@ and IWAER, 784-400-20 tanh, k = 25, batch 100, Adam (eps 1e-4) at lr 1e-3, 500 e
 binarized MNIST, test log-likelihood by importance sampling with S = 2,000 samples (drawn
 jointly with the random weights) on all 10,000 test images.
 
-The models train at the same time, one `python -m iwae_ext.train` process each (so they share
+The models train at the same time, one `python -m iwae_ext.cli.train` process each (so they share
 the GPU), into DIR/<model>/ with its train.log. Before training the script times a few steps of
 each model and one evaluation batch on the device and prints the expected total time. While they
 run it prints each model's epochs and an estimate of the time left from their progress.
@@ -92,7 +92,7 @@ def _read_state(run_dir: str, epochs: int):
             pass
     ckpt = os.path.join(run_dir, "checkpoint.pt")
     if os.path.isfile(ckpt):
-        from iwae_ext.train import read_checkpoint
+        from iwae_ext.trainer import read_checkpoint
         st = read_checkpoint(ckpt)["train_state"]
         return "resume", st["epoch"] + st["step"] / 1e9  # epochs done (the step fraction is small)
     return "new", 0
@@ -105,14 +105,14 @@ def _train_args(spec, model, args, run_dir, resume):
         flags["subset"] = str(args.limit)
     if args.train_eval_size is not None:
         flags["train-eval-size"] = str(args.train_eval_size)
-    cmd = [sys.executable, "-m", "iwae_ext.train", "--no-progress"]
+    cmd = [sys.executable, "-m", "iwae_ext.cli.train", "--no-progress"]
     for key, value in flags.items():
         cmd += [f"--{key}", value]
     return cmd + (["--resume"] if resume else [])
 
 
 def _config(spec, model, args):
-    from iwae_ext.train import TrainConfig
+    from iwae_ext.trainer import TrainConfig
     f = spec["flags"]
     return TrainConfig(model=model, hidden=[[int(f["hidden"])]], latent_dim=[int(f["latent-dim"])],
                        activation=f["activation"], k=int(f["k"]), batch_size=int(f["batch-size"]),
@@ -126,8 +126,8 @@ def estimate(spec, models, args, done_epochs, steps=10, warmup=3):
     from iwae_ext import evaluate
     from iwae_ext.data import load_dataset
     from iwae_ext.objectives import objective
-    from iwae_ext.train import KINDS, build_model
-    from iwae_ext.train.loop import _subset
+    from iwae_ext.trainer import KINDS, build_model
+    from iwae_ext.trainer.loop import _subset
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -1,4 +1,4 @@
-// Arithmetic of the reparameterized Bayesian matmul (DESIGN.md section 3.3), shared by the
+// Arithmetic of the reparameterized Bayesian matmul (docs/design.rst, "bayes_linear"), shared by the
 // CPU and CUDA kernels, and the device-independent structure of the op (its matmuls).
 //
 //   mean = x W_mu^T + b_mu,  var = (x*x) (sigma_W^2)^T + sigma_b^2,  sigma = softplus(rho)

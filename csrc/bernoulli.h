@@ -1,4 +1,4 @@
-// Arithmetic of the fused Bernoulli output layer (DESIGN.md section 3.4), shared by the CPU and
+// Arithmetic of the fused Bernoulli output layer (docs/design.rst, "bernoulli_log_prob"), shared by the CPU and
 // CUDA kernels, and the argument checks every device's kernels run.
 //
 //   out[..., b] = sum_d x[b, d] l_d - softplus(l_d),   l = h[..., b, :] W^T + bias

@@ -1,4 +1,4 @@
-// Batched Hamiltonian Monte Carlo for C independent chains of dimension D (DESIGN.md 3.2):
+// Batched Hamiltonian Monte Carlo for C independent chains of dimension D (docs/design.rst, "hmc_leapfrog and hmc_accept"):
 // arithmetic shared by the CPU and CUDA kernels, and the argument checks of both ops.
 //
 // hmc_leapfrog: one kick-drift of the leapfrog integrator, chain c with step size eps_c:

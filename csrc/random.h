@@ -1,5 +1,5 @@
 // Counter-based random numbers keyed by (seed, image, sample, step, stream): the arithmetic
-// shared by the CPU and CUDA kernels of the op keyed_random (DESIGN.md: per-image
+// shared by the CPU and CUDA kernels of the op keyed_random (docs/design.rst, "Keyed random numbers": per-image
 // determinism of the evaluation).
 //
 // Every number is a pure function of its coordinates, never of a generator's position, so an

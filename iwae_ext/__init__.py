@@ -18,7 +18,7 @@ _C = _extension.load()
 from . import ops  # noqa: E402  (registers fake kernels and autograd)
 from . import data, models, objectives  # noqa: E402
 from .protocol import LatentVariableModel  # noqa: E402
-from .train import CorruptCheckpointError, TrainConfig, load_checkpoint, train  # noqa: E402
+from .trainer import CorruptCheckpointError, TrainConfig, load_checkpoint, train  # noqa: E402
 
 __version__ = "0.1.0"
 

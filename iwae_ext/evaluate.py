@@ -430,7 +430,7 @@ def reconstruction_error_qiw(model, x: Tensor, k: int = 100, batch_size: int = 1
 
 def squared_error(model, x: Tensor) -> Tensor:
     """||x - decoder mean at z = E_q[z1]||^2 per data point [N] (differentiable): the
-    reconstruction error of paper 003 section 5, and the loss of the vanilla autoencoder
+    reconstruction error of Kingma and Welling, section 5 of the reproduction by Nicholson et al., and the loss of the vanilla autoencoder
     (``iwae-train --model ae``: the encoder's mean is its code). Divide by D for the MSE."""
     p = _Param(model, x)
     x = x.to(device=p.device, dtype=p.dtype)
@@ -439,6 +439,9 @@ def squared_error(model, x: Tensor) -> Tensor:
     return (x - model.decoder.mean(model.decoder(z1))).square().sum(-1)
 
 
-if __name__ == "__main__":  # python -m iwae_ext.evaluate RUN ... (also under torchrun): iwae-eval
-    from .cli import eval_main
-    raise SystemExit(eval_main())
+if __name__ == "__main__":  # the old entry point; iwae-eval is iwae_ext.cli.eval
+    import warnings
+    warnings.warn("python -m iwae_ext.evaluate moved to python -m iwae_ext.cli.eval (or iwae-eval); the old "
+                  "path will be removed in the next release", FutureWarning, stacklevel=1)
+    from iwae_ext.cli.eval import main
+    raise SystemExit(main())

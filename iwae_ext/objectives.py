@@ -90,7 +90,7 @@ def objective(model, x: Tensor, k: int, objective: str = "iwae", estimator: str 
 
 
 class AIWAEStep:
-    """The two losses of one AIWAE step (paper 004, Algorithm 1) for a minibatch.
+    """The two losses of one AIWAE step (Ding and Freedman, Algorithm 1) for a minibatch.
 
     ``decoder_loss``: -(1/B) sum_b sum_k w~_bk log p(x_b, z_bk) with z_bk the final states of K
     AIS chains from q(z|x) to p(x, z) and w~ their normalised annealed weights, both held fixed:

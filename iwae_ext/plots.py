@@ -88,7 +88,7 @@ def samples(model, image_shape: tuple[int, int], path: str, n: int = 100, seed: 
 def reconstructions(model, x: Tensor, image_shape: tuple[int, int], path: str, k: int = 100,
                     generator: torch.Generator | None = None) -> dict:
     """Three rows: the data, the decoder mean at one z ~ q(z|x), and at one z ~ q_IW(z|x) with k
-    proposals (paper 001, fig. 3). Returns {"data", "from_q", "from_q_iw"}, each [B, D]."""
+    proposals (Cremer et al., fig. 3). Returns {"data", "from_q", "from_q_iw"}, each [B, D]."""
     from .samplers import sir
     p = next(model.parameters())
     x = x.to(device=p.device, dtype=p.dtype)
@@ -218,23 +218,30 @@ def reconstruction_error_figure(rows, path: str) -> dict:
 
 
 def main(argv=None) -> int:
-    from .data import load_dataset
-    from .train import load_checkpoint
+    import sys
+
+    from .trainer import load_checkpoint
 
     p = argparse.ArgumentParser(prog="python -m iwae_ext.plots", description="Figures of a trained run.")
     p.add_argument("figure", choices=["manifold", "samples"])
     p.add_argument("checkpoint", help="checkpoint.pt or a run directory")
     p.add_argument("--out", required=True, help="PNG path")
     p.add_argument("--n", type=int, default=20, help="grid size (manifold) or number of samples")
-    p.add_argument("--data-dir", default=None)
     args = p.parse_args(argv)
-    model, ckpt = load_checkpoint(args.checkpoint, with_state=True)
-    name = ckpt["config"]["dataset"]
-    shape = {"frey": (28, 20)}.get(name, (28, 28))
-    if args.figure == "manifold":
-        manifold(model, shape, args.out, args.n, title=f"{name}: decoder means on the 2-D latent grid")
-    else:
-        samples(model, shape, args.out, args.n)
+    try:
+        model, ckpt = load_checkpoint(args.checkpoint, with_state=True)
+        name = ckpt["config"]["dataset"]
+        shape = {"frey": (28, 20)}.get(name, (28, 28))
+        if args.figure == "manifold":
+            if tuple(model.latent_dims) != (2,):
+                raise ValueError(f"manifold: {args.checkpoint} has latent widths {list(model.latent_dims)}; the "
+                                 f"manifold figure needs one stochastic layer of width 2 (--latent-dim 2)")
+            manifold(model, shape, args.out, args.n, title=f"{name}: decoder means on the 2-D latent grid")
+        else:
+            samples(model, shape, args.out, args.n)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"python -m iwae_ext.plots: error: {e}", file=sys.stderr)
+        return 2
     print("wrote", args.out)
     return 0
 

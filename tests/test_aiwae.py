@@ -1,4 +1,4 @@
-"""AIWAE (paper 004, Algorithm 1): its gradients, constant memory in T and L, training and
+"""AIWAE (Ding and Freedman, Algorithm 1): its gradients, constant memory in T and L, training and
 resume from the trainer and the CLI, and `iwae-eval --ais`."""
 import json
 import math

@@ -313,7 +313,7 @@ def test_log_joint_and_grad_fused_matches_reference(dtype):
 def test_reference_ops_switch_reaches_the_decoder(tmp_path):
     """TrainConfig(fused=False) (--reference-ops) trains with the reference decoder path; the
     epoch's bound and the final L_k equal the fused run's to float64 tolerance."""
-    from iwae_ext.train import TrainConfig, train
+    from iwae_ext.trainer import TrainConfig, train
     res = {}
     for fused in (True, False):
         cfg = TrainConfig(k=3, batch_size=50, epochs=1, subset=100, eval_k=5, train_eval_size=20, seed=3,

@@ -22,7 +22,7 @@ def _lines(out):
                                                        latent_dim=[4, 3])])
 def test_compiled_and_eager_runs_agree(tmp_path, kw):
     import torch._dynamo
-    from iwae_ext.train.loop import _TORCH_VERSION
+    from iwae_ext.trainer.loop import _TORCH_VERSION
     cfg = {**TINY, **kw}
     if kw.get("estimator") == "dreg" and _TORCH_VERSION < (2, 13):
         # torch 2.11's inductor cannot compile DReG's gradient hook: refused by name, and the
@@ -74,7 +74,7 @@ def test_compile_refused_for_a_kind_that_does_not_trace():
 def test_an_epoch_on_cuda_reads_nothing_back(tmp_path, monkeypatch, compile):
     """The steps of an epoch run under torch.cuda.set_sync_debug_mode("error"): any synchronising
     call among them raises (the read-backs come after them: sync_every > steps per epoch)."""
-    from iwae_ext.train import loop
+    from iwae_ext.trainer import loop
     real = loop._Run._steps
 
     def guarded(self, *args):

@@ -21,7 +21,7 @@ ARGS = ["--subset", "300", "--batch-size", "31", "--k", "3", "--hidden", "20", "
 
 def _train(args, nproc=0, wait=True):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "iwae_ext.train"] if nproc else [sys.executable, "-m", "iwae_ext.train"]) + args
+            "-m", "iwae_ext.cli.train"] if nproc else [sys.executable, "-m", "iwae_ext.cli.train"]) + args
     if not wait:
         return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
@@ -112,7 +112,7 @@ def test_sigterm_under_torchrun_then_resume_is_exact(tmp_path):
 
 def test_without_out_every_rank_uses_rank_0s_run_directory(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "iwae_ext.train", *ARGS, "--epochs", "1"],
+                           "-m", "iwae_ext.cli.train", *ARGS, "--epochs", "1"],
                           capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = os.listdir(tmp_path / "runs")

@@ -1,4 +1,4 @@
-"""Random-weight models (IWAER, IWAER_rec; paper 000): BayesLinear, per-sample weight draws,
+"""Random-weight models (IWAER, IWAER_rec; Hernandez-Lobato et al.): BayesLinear, per-sample weight draws,
 the KL of full variational Bayes, conversion from a deterministic model, training."""
 import pytest
 import torch

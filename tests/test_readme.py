@@ -94,7 +94,7 @@ def test_per_image_streams_snippet_runs_after_the_model_snippet(capsys):
 
 
 def test_new_model_kind_snippet_trains_without_touching_the_loop():
-    from iwae_ext.train import KINDS
+    from iwae_ext.trainer import KINDS
     ns = {}
     try:
         exec(_block("class IWAEPlusELBO"), ns)

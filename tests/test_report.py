@@ -102,7 +102,7 @@ def test_autoencoder_baseline_learns_and_its_figure(tmp_path, capsys):
     import iwae_ext
     from iwae_ext import evaluate
     from iwae_ext.data import load_dataset
-    from iwae_ext.train import TrainConfig, build_model
+    from iwae_ext.trainer import TrainConfig, build_model
 
     cfg = dict(subset=300, batch_size=50, hidden=[[20]], latent_dim=[3], progress=False, seed=0)
     ds = load_dataset()

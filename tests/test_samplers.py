@@ -255,7 +255,7 @@ def test_cuda_graph_captures_once_and_replays_every_later_temperature():
     (sync-debug mode 'error' around each; the host does nothing else between them)."""
     dens, g = _small_cuda_model_chains(18)
     betas = samplers.sigmoid_schedule(40)
-    graphed = samplers._hmc._ais_graphed
+    graphed = samplers._hmc_ais._ais_graphed
     seen = []
 
     def watched(*args, **kw):
@@ -275,14 +275,14 @@ def test_cuda_graph_captures_once_and_replays_every_later_temperature():
         finally:
             torch.cuda.CUDAGraph.replay = original_replay
 
-    samplers._hmc._ais_graphed = watched
+    samplers._hmc_ais._ais_graphed = watched
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message="ais: the temperature loop could not be captured")
             res = samplers.ais(None, None, dens.z0, betas, 3, 0.05, grad_fn=dens.grad_fn, generator=g,
                                cuda_graph=True)
     finally:
-        samplers._hmc._ais_graphed = graphed
+        samplers._hmc_ais._ais_graphed = graphed
     assert len(seen) == betas.numel() - 1 - 3  # every temperature after the 3 eager warm-ups
     assert torch.isfinite(res.log_weights).all()
 

@@ -16,7 +16,7 @@ from torch.distributions import Independent, Normal
 
 import iwae_ext
 from iwae_ext import evaluate
-from iwae_ext._eval_run import ResultsFile
+from iwae_ext._sharded_eval import ResultsFile
 from iwae_ext.models import VAE
 
 TINY = dict(subset=300, batch_size=50, k=3, hidden=[[20]], latent_dim=[4], eval_k=10,

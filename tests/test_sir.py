@@ -1,4 +1,4 @@
-"""Sampling from q_IW (paper 001, Algorithm 1) against the posterior of a 2-D-latent model that
+"""Sampling from q_IW (Cremer et al., Algorithm 1) against the posterior of a 2-D-latent model that
 a dense grid gives: the distance of SIR samples from the posterior shrinks as k grows."""
 import math
 

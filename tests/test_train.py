@@ -13,7 +13,7 @@ import torch
 import iwae_ext
 from iwae_ext import cli
 from iwae_ext.data import Dataset
-from iwae_ext.train import (CHECKPOINT_FORMAT, CorruptCheckpointError, NonFiniteLossError, TrainConfig,
+from iwae_ext.trainer import (CHECKPOINT_FORMAT, CorruptCheckpointError, NonFiniteLossError, TrainConfig,
                             burda_schedule, load_checkpoint)
 
 TINY = dict(subset=300, batch_size=50, k=3, hidden=[[20]], latent_dim=[4], eval_k=10,
@@ -92,7 +92,7 @@ def test_outputs_checkpoint_and_metrics(tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     """A NaN loss at step 4 of epoch 2 is caught on the device: no update from that step on, the
     run stops at the epoch's read-back naming epoch and step, the last good checkpoint stays."""
-    from iwae_ext.train.objectives import BoundKind
+    from iwae_ext.trainer.model_kinds import BoundKind
     out = str(tmp_path / "run")
     iwae_ext.train(out=out, epochs=1, **TINY)
     good = state(out)
@@ -118,7 +118,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 
 def test_non_finite_loss_is_caught_at_the_next_read_back(tmp_path, monkeypatch):
-    from iwae_ext.train.objectives import BoundKind
+    from iwae_ext.trainer.model_kinds import BoundKind
     real = BoundKind.loss
     calls = {"n": 0}
 
@@ -197,7 +197,7 @@ def test_cli_train_and_eval_on_a_tiny_subset(tmp_path, capsys):
 
 
 def test_python_dash_m_entry_point():
-    r = subprocess.run([sys.executable, "-m", "iwae_ext.train", "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "iwae_ext.cli.train", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--estimator" in r.stdout and "--schedule" in r.stdout
     assert "RuntimeWarning" not in r.stderr
 
@@ -276,7 +276,7 @@ def test_iwae_eval_refuses_bad_arguments_in_one_line(tmp_path, capsys):
 def test_a_non_finite_gradient_with_a_finite_loss_is_caught(tmp_path, monkeypatch):
     """The device check reads the gradients too (one fused pass): a NaN gradient behind a finite
     loss skips the update like a NaN loss."""
-    from iwae_ext.train.objectives import BoundKind
+    from iwae_ext.trainer.model_kinds import BoundKind
     real = BoundKind.loss
     calls = {"n": 0}
 
@@ -306,7 +306,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_caught(tmp_path, monkeypatc
 def test_a_format_1_checkpoint_loads_but_does_not_resume(tmp_path):
     """A checkpoint of the trainer before keyed draws (format 1) still loads for evaluation; a
     resume is refused with the reason (its random streams cannot be continued)."""
-    from iwae_ext.train.checkpoint import save_checkpoint
+    from iwae_ext.trainer.checkpoint import save_checkpoint
     out = str(tmp_path / "run")
     iwae_ext.train(out=out, epochs=1, **TINY)
     ckpt = state(out)

@@ -14,9 +14,9 @@ Two stochastic layers (Burda et al. 2016): q(z1|x) q(z2|z1) and p(z2) p(z1|z2) p
 latent tuple (z1, z2) is one tensor z = cat([z1, z2], -1) of width Z = Z1 + Z2 everywhere in
 this interface; :meth:`VAE.split_latent` splits it.
 
-Random weights (IWAER, IWAER_rec; paper 000): ``VAE(..., random_weights="all" | "encoder")``
+Random weights (IWAER, IWAER_rec; Hernandez-Lobato et al.): ``VAE(..., random_weights="all" | "encoder")``
 makes those networks' layers :class:`BayesLinear`. ``log_weights(x, k)`` then draws the weights
-per data point and per importance sample, jointly with z (paper 000, eq. 3), so L_k and its
+per data point and per importance sample, jointly with z (Hernandez-Lobato et al., eq. 3), so L_k and its
 evaluation need no other code; ``posterior(x)`` draws one encoder weight sample per data point.
 """
 from .bayes import BayesLinear

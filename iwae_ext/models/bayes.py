@@ -1,4 +1,4 @@
-"""BayesLinear: a linear layer with factorized-Gaussian random weights (paper 000, DESIGN.md 3.3).
+"""BayesLinear: a linear layer with factorized-Gaussian random weights (Hernandez-Lobato et al., docs/design.rst, "bayes_linear").
 
 Every row of the input gets its own weight draw (local reparameterization through the fused
 :func:`iwae_ext.ops.bayes_linear`, exact in distribution), which is what IWAER needs: one

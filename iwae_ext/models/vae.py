@@ -2,7 +2,7 @@
 
 Architectures of Burda et al. (2016): 784-200-200-50 (one stochastic layer) and
 784-[200,200]-100-[100,100]-50 (two), tanh, Bernoulli output; Kingma & Welling's Gaussian
-decoder (mean and log-variance) for continuous data such as Frey Face (paper 003).
+decoder (mean and log-variance) for continuous data such as Frey Face (Kingma and Welling).
 """
 from __future__ import annotations
 
@@ -263,7 +263,7 @@ class VAE(nn.Module):
         activation: tanh, relu or sigmoid.
         likelihood: "bernoulli" (logits) or "gaussian" (mean and log-variance).
         x_mean: the training data mean [D], to initialise the decoder's output bias.
-        random_weights: "none"; "encoder" (IWAER_rec) or "all" (IWAER, paper 000): those
+        random_weights: "none"; "encoder" (IWAER_rec) or "all" (IWAER, Hernandez-Lobato et al.): those
             networks' layers are :class:`BayesLinear`, with one weight draw per data point and
             per importance sample in ``log_weights`` (one stochastic layer only).
         rho_init: initial rho of the random weights (sigma = softplus(rho)).

@@ -6,7 +6,7 @@ autograd, and a pure-PyTorch twin in :mod:`iwae_ext.ops.reference`.
 from . import reference
 from ._bayes_linear import bayes_linear
 from ._bernoulli import bernoulli_log_prob, bernoulli_log_prob_grad_h
-from ._hmc import AcceptResult, hmc_accept, hmc_leapfrog
+from ._hmc_steps import AcceptResult, hmc_accept, hmc_leapfrog
 from ._logmeanexp import logmeanexp, logmeanexp_backward, logmeanexp_stats
 from ._random import keyed_normal, keyed_uniform
 

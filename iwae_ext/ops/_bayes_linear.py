@@ -1,4 +1,4 @@
-"""bayes_linear: the reparameterized (local reparameterization) Bayesian matmul, DESIGN.md 3.3."""
+"""bayes_linear: the reparameterized (local reparameterization) Bayesian matmul, docs/design.rst, "bayes_linear"."""
 
 import torch
 from torch import Tensor

@@ -1,5 +1,5 @@
 """bernoulli_log_prob: the decoder's output layer and its Bernoulli log-likelihood in one pass
-(DESIGN.md section 3.4)."""
+(docs/design.rst, "bernoulli_log_prob")."""
 
 import torch
 from torch import Tensor

@@ -1,4 +1,4 @@
-"""logmeanexp: the fused importance-weight reduction (DESIGN.md section 3.1)."""
+"""logmeanexp: the fused importance-weight reduction (docs/design.rst, "logmeanexp")."""
 
 import torch
 from torch import Tensor

@@ -9,9 +9,9 @@
 - :func:`linear_schedule`, :func:`sigmoid_schedule`: inverse temperatures from 0 to 1.
 - :func:`model_ais_densities`: the initial density and target of AIS for a package model and data,
   with the hand-written decoder gradient where the model allows it.
-- :func:`sir`: sampling-importance-resampling from q_IW (paper 001, Algorithm 1).
+- :func:`sir`: sampling-importance-resampling from q_IW (Cremer et al., Algorithm 1).
 """
-from ._hmc import (AISResult, HMCResult, StepSizeAdaptation, ais, hmc, linear_schedule,
+from ._hmc_ais import (AISResult, HMCResult, StepSizeAdaptation, ais, hmc, linear_schedule,
                    mirrored_schedule, sigmoid_schedule)
 from ._model import ModelAIS, model_ais_densities
 from ._sir import sir

@@ -99,7 +99,7 @@ def model_ais_densities(model, x: Tensor, num_chains: int, init: str = "posterio
         def log_target(z: Tensor) -> Tensor:
             return model.log_joint(xr, z)
 
-        from ._hmc import _autograd_value_and_grad
+        from ._hmc_ais import _autograd_value_and_grad
         grad_fn = _autograd_value_and_grad([log_init, log_target])
     return ModelAIS(z0, grad_fn, xr, fast)
 
@@ -119,7 +119,7 @@ def _draw_rows(draw, num_chains: int, pilot_chains: int, generator) -> Tensor:
 
 def _protocol_densities(model, x: Tensor, num_chains: int, init: str, generator, pilot_chains: int = 0) -> ModelAIS:
     """AIS densities of any model with posterior(x) and log_joint(x, z), gradients by autograd."""
-    from ._hmc import _autograd_value_and_grad
+    from ._hmc_ais import _autograd_value_and_grad
     _protocol.check_model(model, "model_ais_densities")
     device, dtype = _protocol.device_dtype(model, x)
     x = x.to(device=device, dtype=dtype)

@@ -1,4 +1,4 @@
-"""Sampling-importance-resampling from q_IW (paper 001, Algorithm 1)."""
+"""Sampling-importance-resampling from q_IW (Cremer et al., Algorithm 1)."""
 from __future__ import annotations
 
 import math

@@ -1,29 +1,26 @@
-"""The trainer: ``iwae_ext.train(...)`` (argument parsing lives in :mod:`iwae_ext.cli`).
+"""Deprecated path. The trainer's modules are in :mod:`iwae_ext.trainer`; ``iwae_ext.train`` is
+the function that trains; ``python -m iwae_ext.train`` is ``python -m iwae_ext.cli.train``.
 
-One run: load the data set, build the model, train with Adam (beta 0.9, 0.999, eps 1e-4; the
-fused implementation) on the model kind's objective, checkpoint atomically after every epoch
-(and when asked to stop), then evaluate L_{eval_k} on the whole test split, the ELBO, the train
-log-likelihood, active units and the reconstruction error. ``out`` receives ``checkpoint.pt``
-(loads with ``weights_only=True``), ``metrics.jsonl`` (one line per epoch) and ``metrics.json``.
+Importing this package still works for one release: it warns, its attributes are those of
+:mod:`iwae_ext.trainer`, and calling it trains, so ``iwae_ext.train(...)`` keeps working after
+an old ``import iwae_ext.train``."""
+import sys as _sys
+import types as _types
+import warnings as _warnings
 
-Modules: :mod:`~iwae_ext.train.config` (:class:`TrainConfig`, the learning-rate schedule),
-:mod:`~iwae_ext.train.objectives` (the model kinds: :class:`ModelKind`, :func:`register`),
-:mod:`~iwae_ext.train.loop` (the loop: keyed draws, no host synchronisation inside an epoch,
-torch.compile, DistributedDataParallel), :mod:`~iwae_ext.train.checkpoint` and
-:mod:`~iwae_ext.train.final` (the final evaluation, split across ranks).
+from .. import trainer as _trainer
 
-Resuming (``resume=True``) continues exactly: model, optimizer, the model kind's state and the
-position in the epoch are restored, and every random number is keyed by (seed, epoch, image), so
-a stopped and resumed run ends bit for bit where an uninterrupted one ends (on the CPU, with the
-same ``compile`` setting). SIGINT/SIGTERM stop a run at the next step boundary (the next
-read-back under torch.distributed) after writing a checkpoint; a second SIGINT stops at once.
-"""
-from .checkpoint import CHECKPOINT_FORMAT, CorruptCheckpointError, load_checkpoint, read_checkpoint
-from .config import RESUMABLE, TrainConfig, burda_schedule
-from .final import final_metrics
-from .loop import NonFiniteLossError, build_model, train
-from .objectives import KINDS, ModelKind, register
+_warnings.warn("the package iwae_ext.train moved to iwae_ext.trainer (iwae_ext.train is the function "
+               "that trains; python -m iwae_ext.train is python -m iwae_ext.cli.train); the old path "
+               "will be removed in the next release", FutureWarning, stacklevel=2)
 
-__all__ = ["TrainConfig", "train", "load_checkpoint", "NonFiniteLossError", "CorruptCheckpointError",
-           "burda_schedule", "CHECKPOINT_FORMAT", "KINDS", "ModelKind", "register", "build_model",
-           "read_checkpoint", "final_metrics", "RESUMABLE"]
+
+class _CallableTrainModule(_types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return _trainer.train(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(_trainer, name)
+
+
+_sys.modules[__name__].__class__ = _CallableTrainModule

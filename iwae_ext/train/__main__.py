@@ -1,4 +1,4 @@
-"""python -m iwae_ext.train: the same as iwae-train."""
-from ..cli import train_main
+"""Deprecated: ``python -m iwae_ext.train`` is ``python -m iwae_ext.cli.train`` (or ``iwae-train``)."""
+from ..cli.train import main
 
-raise SystemExit(train_main())
+raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Batched HMC and annealed importance sampling over C independent chains (DESIGN.md 3.2).
+"""Batched HMC and annealed importance sampling over C independent chains (docs/design.rst, "hmc_leapfrog and hmc_accept").
 
 Both run on the fused ops ``iwae_ext.ops.hmc_leapfrog`` / ``hmc_accept``; the densities and their
 gradients come from the caller (autograd, or a hand-written ``grad_fn``). Nothing in the loops
@@ -35,7 +35,7 @@ class StepSizeAdaptation:
 
 
 def linear_schedule(num_temps: int, dtype=torch.float64, device=None) -> Tensor:
-    """beta_t = t / (T - 1), t = 0..T-1 (paper 004's schedule)."""
+    """beta_t = t / (T - 1), t = 0..T-1 (Ding and Freedman's schedule)."""
     _check_num_temps(num_temps)
     return torch.linspace(0.0, 1.0, num_temps, dtype=dtype, device=device)
 
@@ -291,7 +291,7 @@ def ais(log_init: LogDensity | None, log_target: LogDensity | None, z0: Tensor, 
             c = s * B + b (every number then keyed by image, chain and temperature, so an
             image's result does not depend on the other chains in the run).
         temperature_step_sizes: optional fixed step sizes, [T-1] (one per transition, shared by
-            all chains, as AIWAE keeps them across training steps, paper 004) or [T-1, G] (one
+            all chains, as AIWAE keeps them across training steps, Ding and Freedman) or [T-1, G] (one
             per transition and group, e.g. a forward run's ``step_schedule`` mirrored for a
             reverse run); replaces step_size; the result has each temperature's mean acceptance.
         cuda_graph: capture one temperature in a CUDA graph and replay it (CUDA only); default:

@@ -1,4 +1,4 @@
-"""Batched Hamiltonian Monte Carlo ops (DESIGN.md 3.2): C independent chains of dimension D.
+"""Batched Hamiltonian Monte Carlo ops (docs/design.rst, "hmc_leapfrog and hmc_accept"): C independent chains of dimension D.
 
 ``hmc_leapfrog`` is one kick-drift of the leapfrog integrator with a per-chain step size and is
 differentiable (a trajectory can be backpropagated through, as in Hamiltonian VAEs);

@@ -1,0 +1,118 @@
+"""Checkpoints: written atomically (a temporary file, fsynced, then renamed), loaded with
+``weights_only=True`` and verified against the sha256 digest of their tensors written with them."""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+
+import torch
+
+from ..models import VAE
+
+__all__ = ["CHECKPOINT_FORMAT", "CorruptCheckpointError", "load_checkpoint", "save_checkpoint",
+           "read_checkpoint", "state_digest"]
+
+CHECKPOINT_FORMAT = "iwae_ext.checkpoint/2"
+# Format 1 (before the keyed training draws) still loads for evaluation; it cannot be resumed.
+READABLE_FORMATS = ("iwae_ext.checkpoint/1", CHECKPOINT_FORMAT)
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read, is not an iwae_ext checkpoint, or whose tensors no
+    longer match the digest written with them."""
+
+
+def save_checkpoint(ckpt: dict, path: str):
+    """Write ``ckpt`` with its digest to ``path`` atomically."""
+    ckpt["digest"] = state_digest(ckpt)
+    _save_atomic(ckpt, path)
+
+
+def _save_atomic(obj, path: str):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def state_digest(ckpt: dict) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every tensor of the model and optimizer
+    states (in a fixed order): what a checkpoint's "digest" entry records."""
+    h = hashlib.sha256()
+
+    def walk(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"{prefix}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, dict):
+            for key in sorted(obj, key=str):
+                walk(f"{prefix}/{key}", obj[key])
+        elif isinstance(obj, (list, tuple)):
+            for i, item in enumerate(obj):
+                walk(f"{prefix}/{i}", item)
+        else:
+            h.update(f"{prefix}={obj!r};".encode())
+
+    walk("model", ckpt["model_state"])
+    walk("optimizer", ckpt.get("optimizer_state", {}))
+    return h.hexdigest()
+
+
+def _why_unreadable(path: str, e: Exception) -> str:
+    """What is wrong with a file that torch.load(weights_only=True) refused, in our words."""
+    import pickle
+    import zipfile
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e) or "Weights only" in str(e):
+        return ("it holds pickled Python objects beyond tensors and plain containers, which iwae_ext "
+                "never unpickles (it may be another program's file)")
+    if "CUDA" in str(e) and not torch.cuda.is_available():
+        return "its tensors were saved on a GPU and no CUDA device is visible: load it with map_location='cpu'"
+    if zipfile.is_zipfile(path):
+        return "a torch.save archive, but damaged or truncated"
+    return "not a file written by torch.save (truncated, or another kind of file)"
+
+
+def read_checkpoint(path: str, map_location="cpu") -> dict:
+    """A checkpoint file's dict, loaded with weights_only=True, its format checked and its tensors
+    verified against the digest written with them (CorruptCheckpointError otherwise)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with warnings.catch_warnings():  # e.g. torch's note on the pickle protocol of a foreign file
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        # torch's own message advises loading with weights_only=False: never quoted, never done
+        raise CorruptCheckpointError(f"{path} is not a readable iwae_ext checkpoint: {_why_unreadable(path, e)}. "
+                                     f"Use an earlier checkpoint or train again") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
+        raise CorruptCheckpointError(f"{path} is not an iwae_ext checkpoint (format {CHECKPOINT_FORMAT})")
+    want = ckpt.get("digest")
+    if want is None:
+        warnings.warn(f"{path} was written without a digest (an older iwae_ext); its tensors are not "
+                      f"verified", stacklevel=3)
+    elif state_digest(ckpt) != want:
+        raise CorruptCheckpointError(
+            f"{path} is corrupt: its tensors do not match the sha256 digest written with them "
+            f"(bytes changed on disk after it was saved). Use an earlier checkpoint or train again")
+    return ckpt
+
+
+def load_checkpoint(path: str, map_location="cpu", with_state: bool = False):
+    """The model of a training run's checkpoint (in eval mode), loaded with weights_only=True.
+
+    ``with_state=True`` returns (model, checkpoint dict) instead.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    ckpt = read_checkpoint(path, map_location)
+    cfg = ckpt["model_config"]
+    model = VAE(**cfg)
+    model.load_state_dict(ckpt["model_state"])
+    model.eval()
+    return (model, ckpt) if with_state else model
+
+
