@@ -8,18 +8,26 @@ Environment switches (read at build time):
                          (H100/H200 machine code, plus PTX that newer GPUs compile at load).
                          With a GPU visible, torch picks that GPU's arch.
   MAX_JOBS               parallel compile jobs (ninja).
-  IWAE_EXT_DEBUG=1       -O0 -g, for gdb.
+  IWAE_EXT_DEBUG=1       -O0 -g, for gdb (otherwise the shared object carries no debug info).
 Install with `pip install --no-build-isolation -e .` so that the extension is compiled
-against the torch that will import it.
+against the torch that will import it; the package's metadata then requires exactly that
+torch release (an extension built against one torch does not load in another).
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import setup
 
-import torch
-from torch.utils import cpp_extension
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ModuleNotFoundError:  # pip's build isolation: a fresh environment without torch
+    sys.exit("iwae_ext compiles against the torch it will run with: install torch first, then build "
+             "without build isolation: pip install --no-build-isolation .")
+
+SUPPORTED_TORCH = ((2, 11), (2, 15))  # >= 2.11, < 2.15: the range CI builds and tests
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -43,7 +51,7 @@ def _extension():
     debug = os.environ.get("IWAE_EXT_DEBUG") == "1"
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # torch adds the -std= its headers need; -fno-math-errno lets loops with sqrt vectorise
     cxx = opt + ["-fopenmp", "-fno-math-errno"]
     arch_list = ""
@@ -71,11 +79,24 @@ def _extension():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + ([] if debug else ["-s"]),  # -s: no symbol tables or debug info
     )
 
 
+def _torch_requirement() -> str:
+    """``torch==X.Y.Z``: the release this build's binary loads with (any local build of it, +cpu or
+    +cu130, satisfies it), as torch-scatter's wheels pin theirs."""
+    release = re.match(r"\d+\.\d+\.\d+", torch.__version__).group(0)
+    major_minor = tuple(int(v) for v in release.split(".")[:2])
+    if not SUPPORTED_TORCH[0] <= major_minor < SUPPORTED_TORCH[1]:
+        print(f"setup.py: warning: torch {torch.__version__} is outside the tested range "
+              f">= {'.'.join(map(str, SUPPORTED_TORCH[0]))}, < {'.'.join(map(str, SUPPORTED_TORCH[1]))}",
+              file=sys.stderr)
+    return f"torch=={release}"
+
+
 setup(
+    install_requires=[_torch_requirement(), "numpy", "tqdm"],
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -3,19 +3,19 @@
 ``load_dataset(name, data_dir=None, download=False)`` returns a :class:`Dataset`: float32
 splits of shape [N, D] with values in [0, 1], the image shape, and how the data is binarised:
 
-=================== ============ ============================================================
-name                binarization source (``data_dir``, then the places listed)
-=================== ============ ============================================================
-binarized_mnist     static       bundled with the package (Larochelle & Murray's fixed
-                                 binarisation; 50,000 / 10,000 / 10,000); the default
-binarized_mnist_amat static      the original ``binarized_mnist_{train,valid,test}.amat``
-mnist               dynamic      MNIST IDX files (gzip or raw), 60,000 / 10,000
-fashion_mnist       dynamic      Fashion-MNIST IDX files, also /usr/share/datasets/fashion-mnist
-omniglot            dynamic      ``chardata.mat`` of the IWAE paper (24,345 / 8,070; 1,345 of
-                                 the training images held out for validation)
-frey                none         ``frey_faces.npz`` or ``frey_rawface.mat`` (1,965 faces of
-                                 28x20, grey levels / 255; split 1,565 / 200 / 200, seeded)
-=================== ============ ============================================================
+==================== ============ ============================================================
+name                 binarization source (``data_dir``, then the places listed)
+==================== ============ ============================================================
+binarized_mnist      static       bundled with the package (Larochelle & Murray's fixed
+                                  binarisation; 50,000 / 10,000 / 10,000); the default
+binarized_mnist_amat static       the original ``binarized_mnist_{train,valid,test}.amat``
+mnist                dynamic      MNIST IDX files (gzip or raw), 60,000 / 10,000
+fashion_mnist        dynamic      Fashion-MNIST IDX files, also /usr/share/datasets/fashion-mnist
+omniglot             dynamic      ``chardata.mat`` of the IWAE paper (24,345 / 8,070; 1,345 of
+                                  the training images held out for validation)
+frey                 none         ``frey_faces.npz`` or ``frey_rawface.mat`` (1,965 faces of
+                                  28x20, grey levels / 255; split 1,565 / 200 / 200, seeded)
+==================== ============ ============================================================
 
 "dynamic" binarisation draws a fresh Bernoulli(pixel) image every time a minibatch is drawn
 (:meth:`Dataset.batch` with a ``torch.Generator``), the protocol of the IWAE paper.
@@ -136,7 +136,7 @@ class Dataset:
                                 f"got {type(x).__name__}")
             if x.dim() != 2 or x.shape[1] != dim:
                 raise ValueError(f"Dataset {self.name!r}: split {split!r} must have shape [N, {dim}] "
-                                 f"(image shape {tuple(self.image_shape)}), got {tuple(x.shape)}")
+                                  f"(image shape {tuple(self.image_shape)}), got {tuple(x.shape)}")
             if x.shape[0] == 0:
                 raise ValueError(f"Dataset {self.name!r}: split {split!r} is empty")
             if not x.is_floating_point():
@@ -145,14 +145,14 @@ class Dataset:
             if not torch.isfinite(x).all():
                 bad = int((~torch.isfinite(x)).any(1).nonzero()[0])
                 raise ValueError(f"Dataset {self.name!r}: split {split!r} has NaN or infinite "
-                                 f"values (first in row {bad})")
+                                  f"values (first in row {bad})")
             lo, hi = float(x.min()), float(x.max())
             if lo < 0 or hi > 1:
                 raise ValueError(f"Dataset {self.name!r}: split {split!r} must have values in "
-                                 f"[0, 1], got [{lo}, {hi}]")
+                                  f"[0, 1], got [{lo}, {hi}]")
             if self.binarization == "static" and not ((x == 0) | (x == 1)).all():
                 raise ValueError(f"Dataset {self.name!r}: split {split!r} is declared statically "
-                                 f"binarized but has values other than 0 and 1")
+                                  f"binarized but has values other than 0 and 1")
 
     @classmethod
     def from_arrays(cls, name: str, train, test, valid=None, image_shape=None,

@@ -1,7 +1,7 @@
 """Evaluation the way the papers do it: L_k (k = 5000), the ELBO, active units, gaps.
 
 All functions take any model with ``posterior(x)`` and ``log_joint(x, z)``
-(:class:`iwae_ext.LatentVariableModel`; the optional hooks of :mod:`iwae_ext.protocol` give
+(:class:`~iwae_ext.protocol.LatentVariableModel`; the optional hooks of :mod:`iwae_ext.protocol` give
 faster or more exact paths, and the package's own models have them all) and data x [N, D]
 (values in [0, 1] for Bernoulli models; binarise greyscale data first), run without gradients, in batches of
 ``batch_size`` data points and, over k, in chunks of at most ``max_rows`` (samples x data
@@ -354,7 +354,7 @@ class BDMCResult:
 
     @property
     def gap(self) -> Tensor:
-        """upper - lower per point: how far AIS with this schedule may be from log p(x)."""
+        """The gap ``upper - lower`` per point: how far AIS with this schedule may be from log p(x)."""
         return self.upper - self.lower
 
 

@@ -9,7 +9,7 @@ Any object with these two methods qualifies; nothing needs to subclass anything 
                       and event shape [Z]: rsample((S,)) or sample((S,)) [S, B, Z], log_prob [S, B]
     log_joint(x, z)   log p(x, z) for x [B, D], z [S, B, Z] -> [S, B]
 
-Optional, used where present (the package's :class:`iwae_ext.models.VAE` has all of them):
+Optional, used where present (the package's :class:`iwae_ext.models.VAE` has all of them)::
 
     prior()                       p(z), a Distribution with event shape [Z]: AIS from the prior,
                                   and log p(x|z) = log_joint - prior().log_prob when the model has

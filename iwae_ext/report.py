@@ -5,7 +5,7 @@ variational and generalisation gaps, active units, reconstruction errors from th
 and from q_IW) and the figures: samples, reconstructions from q and q_IW, the training curve
 (when the run's ``metrics.jsonl`` is there) and, for a 2-D latent, the manifold and the posterior
 contours of one test image (true, q, q_IW for k = 1, 10, 100). Any model with posterior(x) and
-log_joint(x, z) (:class:`iwae_ext.LatentVariableModel`) gets the metrics, the posterior contours
+log_joint(x, z) (:class:`~iwae_ext.protocol.LatentVariableModel`) gets the metrics, the posterior contours
 for a 2-D latent and the training curve; the decoder figures (samples, reconstructions, manifold)
 need the package's models.
 """

@@ -12,8 +12,9 @@ import torch
 from iwae_ext import data
 from iwae_ext.data import CorruptDataError, Dataset, DatasetNotFoundError, load_dataset
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data not present")
+# the real Fashion-MNIST and Frey files: $IWAE_EXT_TEST_DATA, else ../shared/data beside the checkout
+SHARED = os.environ.get("IWAE_EXT_TEST_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason="the Fashion-MNIST and Frey files are not present: set IWAE_EXT_TEST_DATA")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+# the real Fashion-MNIST and Frey files: $IWAE_EXT_TEST_DATA, else ../shared/data beside the checkout
+SHARED = os.environ.get("IWAE_EXT_TEST_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 # 300 images, global batch 31 (ranks take 16 and 15; the last batch 21): 10 steps an epoch
 ARGS = ["--subset", "300", "--batch-size", "31", "--k", "3", "--hidden", "20", "--latent-dim", "4",
         "--eval-k", "10", "--train-eval-size", "50", "--dtype", "float64", "--no-compile", "--no-progress"]
@@ -42,7 +43,7 @@ def _state(out):
 ])
 def test_two_gloo_ranks_follow_the_one_process_trajectory(tmp_path, model, extra):
     if model.startswith("fashion") and not os.path.isdir(SHARED):
-        pytest.skip("../shared/data not present")
+        pytest.skip("the Fashion-MNIST and Frey files are not present: set IWAE_EXT_TEST_DATA")
     flags = ARGS + ["--epochs", "2", "--model", model.replace("fashion_", "")] + extra
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     p1 = _train(flags + ["--out", one])

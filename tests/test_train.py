@@ -40,9 +40,9 @@ def assert_same_state(a, b):
 def test_resume_is_exact(tmp_path, dataset):
     """Stopped mid-epoch and at an epoch end, then resumed: bit for bit the uninterrupted run
     (fashion_mnist also exercises the dynamic-binarisation generator)."""
-    shared = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+    shared = os.environ.get("IWAE_EXT_TEST_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
     if dataset == "fashion_mnist" and not os.path.isdir(shared):
-        pytest.skip("../shared/data not present")
+        pytest.skip("the Fashion-MNIST and Frey files are not present: set IWAE_EXT_TEST_DATA")
     cfg = dict(TINY, dataset=dataset, data_dir=shared, estimator="dreg")
     full = str(tmp_path / "full")
     m_full = iwae_ext.train(out=full, epochs=3, **cfg)

@@ -9,18 +9,11 @@ import sys
 from .._distributed import Dist
 from ._common import add_threads_flag, apply_threads, at_least, check_device, non_negative_int, positive_int
 
-__all__ = ["main"]
+__all__ = ["main", "parser"]
 
 
-def main(argv=None) -> int:
-    import math
-
-    import torch
-
-    from .. import evaluate
-    from ..data import DataError, load_dataset
-    from ..trainer import load_checkpoint
-
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of ``iwae-eval``."""
     p = argparse.ArgumentParser(
         prog="iwae-eval", description="Evaluate a training run's checkpoint. Under torchrun the images are "
         "split across the processes (gloo on CPUs, NCCL on GPUs) and rank 0 reports.")
@@ -59,6 +52,19 @@ def main(argv=None) -> int:
     g.add_argument("--bdmc", type=int, default=0, metavar="N",
                    help="also run BDMC on N points simulated from the model with the AIS settings: "
                         "forward (lower) and reverse (upper) bounds of their log p(x)")
+    return p
+
+
+def main(argv=None) -> int:
+    import math
+
+    import torch
+
+    from .. import evaluate
+    from ..data import DataError, load_dataset
+    from ..trainer import load_checkpoint
+
+    p = parser()
     args = p.parse_args(argv)
     for name in ("k", "batch_size", "ais_chains", "ais_temps", "ais_leapfrog"):
         value = getattr(args, name)

@@ -1,4 +1,4 @@
-"""Models: ``nn.Module``s only (no objectives, no training loop).
+"""Models: ``nn.Module`` classes only (no objectives, no training loop).
 
 :class:`VAE` is the latent-variable model of the VAE and IWAE papers, with one or two
 stochastic layers; VAE and IWAE differ only in the objective they are trained with

@@ -314,7 +314,7 @@ class VAE(nn.Module):
 
     @property
     def latent_dim(self) -> int:
-        """Z: the width of the latent tensor z (Z1 + Z2 for two layers)."""
+        """The width Z of the latent tensor z (Z1 + Z2 for two layers)."""
         return sum(self.latent_dims)
 
     def split_latent(self, z: Tensor) -> tuple[Tensor, ...]:

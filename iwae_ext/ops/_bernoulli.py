@@ -13,7 +13,7 @@ def bernoulli_log_prob(h: Tensor, weight: Tensor, bias: Tensor, x: Tensor) -> Te
 
     h [..., B, H] (any leading sample dims), weight [D, H], bias [D], x [B, D] (values in [0, 1];
     broadcast over the sample dims, never expanded) -> [..., B]. float32 or float64. Stable for
-    any |l| (the terms are formed as (x - [l > 0]) l - log1p(exp(-|l|))). Differentiable in h,
+    any ``|l|`` (the terms are formed as ``(x - [l > 0]) l - log1p(exp(-|l|))``). Differentiable in h,
     weight, bias and x (first derivatives); the backward recomputes the logits block by block.
     """
     return torch.ops.iwae_ext.bernoulli_log_prob.default(h, weight, bias, x)

@@ -34,7 +34,7 @@ def hmc_accept(z0: Tensor, z1: Tensor, p0: Tensor, p1: Tensor, u0: Tensor, u1: T
                log_uniform: Tensor, step_size: Tensor, accept_avg: Tensor, target_accept: float = 0.65,
                decay: float = 0.9, inc: float = 1.02, dec: float = 0.98, min_step: float = 1e-4,
                max_step: float = 1.0, adapt: bool = True) -> AcceptResult:
-    """Metropolis-Hastings for each chain with H = U + |p|^2/2 (start z0, p0, U0; proposal z1, p1, U1).
+    """Metropolis-Hastings for each chain with ``H = U + |p|^2/2`` (start z0, p0, U0; proposal z1, p1, U1).
 
     The proposal is taken where H1 is finite and ``log_uniform < H0 - H1``. The acceptance probability
     a = min(1, exp(H0 - H1)) (0 for a non-finite H1) updates ``accept_avg' = decay * accept_avg +

@@ -16,7 +16,7 @@ def logmeanexp(logw: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
 
 
 def logmeanexp_stats(logw: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
-    """(out, stats): out = logmeanexp(logw, dim) and stats [2, *out.shape], the row maximum and
+    """(out, stats): out = logmeanexp(logw, dim) and stats ``[2, *out.shape]``, the row maximum and
     the log of the normalised sum sum_k exp(logw_k - max) (float32 for float16, bfloat16 and
     float32 logw; float64 for float64): what the backward needs for an accurate gradient."""
     if not isinstance(logw, Tensor):

@@ -82,7 +82,7 @@ def hmc_accept(z0: Tensor, z1: Tensor, p0: Tensor, p1: Tensor, u0: Tensor, u1: T
                log_uniform: Tensor, step_size: Tensor, accept_avg: Tensor, target_accept: float = 0.65,
                decay: float = 0.9, inc: float = 1.02, dec: float = 0.98, min_step: float = 1e-4,
                max_step: float = 1.0, adapt: bool = True):
-    """Metropolis-Hastings with H = U + |p|^2/2 and step-size adaptation; see iwae_ext.ops.hmc_accept.
+    """Metropolis-Hastings with ``H = U + |p|^2/2`` and step-size adaptation; see iwae_ext.ops.hmc_accept.
 
     Returns (z, u, accepted, step_size, accept_avg); sums and decisions in float64."""
     d = lambda t: t.double()  # noqa: E731

@@ -6,8 +6,9 @@ fused implementation) on the model kind's objective, checkpoint atomically after
 log-likelihood, active units and the reconstruction error. ``out`` receives ``checkpoint.pt``
 (loads with ``weights_only=True``), ``metrics.jsonl`` (one line per epoch) and ``metrics.json``.
 
-Modules: :mod:`~iwae_ext.trainer.config` (:class:`TrainConfig`, the learning-rate schedule),
-:mod:`~iwae_ext.trainer.model_kinds` (the model kinds: :class:`ModelKind`, :func:`register`),
+Modules: :mod:`~iwae_ext.trainer.config` (:class:`~iwae_ext.trainer.config.TrainConfig`, the
+learning-rate schedule), :mod:`~iwae_ext.trainer.model_kinds` (the model kinds:
+:class:`~iwae_ext.trainer.model_kinds.ModelKind`, :func:`~iwae_ext.trainer.model_kinds.register`),
 :mod:`~iwae_ext.trainer.loop` (the loop: keyed draws, no host synchronisation inside an epoch,
 torch.compile, DistributedDataParallel), :mod:`~iwae_ext.trainer.checkpoint` and
 :mod:`~iwae_ext.trainer.final` (the final evaluation, split across ranks).

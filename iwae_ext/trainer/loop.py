@@ -60,7 +60,7 @@ class StepNoise:
     epoch: int
 
     def keyed(self, purpose: str) -> KeyedNoise:
-        """A :class:`KeyedNoise` for these images of its own, for ``purpose`` in this epoch (e.g.
+        """A :class:`~iwae_ext.keyed.KeyedNoise` for these images of its own, for ``purpose`` in this epoch (e.g.
         AIWAE's chains, whose streams count temperatures)."""
         return KeyedNoise(key(self.seed, purpose, self.epoch), self.index)
 
@@ -203,13 +203,13 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
           **overrides) -> dict:
     """Train (and evaluate) one model; returns the final metrics (also in ``out/metrics.json``).
 
-    ``config`` or keyword overrides of :class:`TrainConfig` fields. With ``resume=True`` the
+    ``config`` or keyword overrides of :class:`~iwae_ext.trainer.config.TrainConfig` fields. With ``resume=True`` the
     saved run's config is used and only the keyword overrides in ``RESUMABLE`` (e.g. a larger
     ``epochs``) may change it. ``should_stop()``, if given, is polled at every step boundary (at
     every read-back under torch.distributed); when it returns True the run checkpoints and returns
     {"stopped": True, ...} (as on SIGINT/SIGTERM). ``data``: a :class:`~iwae_ext.data.Dataset`
     to train on instead of loading ``config.dataset`` (pass it again to resume). Raises
-    :class:`NonFiniteLossError` on a NaN or infinite loss, keeping the last good checkpoint.
+    :class:`~iwae_ext.trainer.loop.NonFiniteLossError` on a NaN or infinite loss, keeping the last good checkpoint.
 
     Launched by torchrun (WORLD_SIZE > 1), or inside an initialised process group, the run is
     data-parallel (DistributedDataParallel; gloo on CPUs, NCCL on GPUs, ``device="cuda"`` meaning

@@ -81,7 +81,7 @@ class ModelKind:
         return "mc"
 
     def loss(self, model, x: Tensor, scale: float, noise) -> tuple[Tensor, Tensor, object]:
-        """(loss to back-propagate, bound per data point [b] detached, aux for :meth:`update`)."""
+        """(loss to back-propagate, bound per data point [b] detached, aux for :meth:`ModelKind.update`)."""
         raise NotImplementedError
 
     def update(self, aux, skipped: Tensor):
