@@ -1,9 +1,9 @@
 """Reproduce a paper's table with its full protocol, resumably, in runs as short as you like.
 
-    python benchmarks/reproduce.py paper000 --out DIR [--device cuda] [--time-limit 540] [--resume]
-    python benchmarks/reproduce.py paper000 --out DIR --device cpu --epochs 2 --limit 200 --eval-k 20  # smoke
+    python benchmarks/reproduce.py iwaer-table1 --out DIR [--device cuda] [--time-limit 540] [--resume]
+    python benchmarks/reproduce.py iwaer-table1 --out DIR --device cpu --epochs 2 --limit 200 --eval-k 20  # smoke
 
-paper000 (Hernandez-Lobato et al., IWAE with random network parameters, Table 1): IWAE, IWAER_rec
+iwaer-table1 (Hernandez-Lobato et al., IWAE with random network parameters, Table 1): IWAE, IWAER_rec
 and IWAER, 784-400-20 tanh, k = 25, batch 100, Adam (eps 1e-4) at lr 1e-3, 500 epochs on the
 binarized MNIST, test log-likelihood by importance sampling with S = 2,000 samples (drawn
 jointly with the random weights) on all 10,000 test images.
@@ -36,7 +36,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PAPERS = {
-    "paper000": {
+    "iwaer-table1": {
         "title": "Hernandez-Lobato, Bui, Li, Hernandez-Lobato, Turner: Importance Weighted Autoencoders "
                  "with Random Neural Network Parameters, Table 1 (MNIST, test log-likelihood)",
         "models": {"iwae": -95.18, "iwaer_rec": -94.71, "iwaer": -94.35},

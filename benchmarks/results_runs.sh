@@ -61,9 +61,9 @@ if want aevae; then
 fi
 if want aiwae; then
   log "IWAE against AIWAE, K = 5, 20 epochs, AIS on 500 test images"
-  iwae-train --model iwae --k 5 --epochs 20 --seed 0 --out p004-iwae-k5
-  iwae-train --model aiwae --k 5 --temps 5 --leapfrog 5 --epochs 20 --seed 0 --out p004-aiwae-k5-t5
-  for run in p004-iwae-k5 p004-aiwae-k5-t5; do
+  iwae-train --model iwae --k 5 --epochs 20 --seed 0 --out iwae-k5-20ep
+  iwae-train --model aiwae --k 5 --temps 5 --leapfrog 5 --epochs 20 --seed 0 --out aiwae-k5-t5
+  for run in iwae-k5-20ep aiwae-k5-t5; do
     iwae-eval "$run" --k 5000 --limit 500 --ais --ais-temps 1000 --seed 0 --per-point per-image.pt \
       --out "$run-eval"
     keep "$run" "$run"

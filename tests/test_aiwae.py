@@ -64,7 +64,7 @@ def graph_size(t):
 
 def test_no_graph_through_the_hmc_transitions():
     """The losses' autograd graphs are the same size whatever T and L: nothing of the annealing
-    is kept for the backward (memory constant in T and L; the figure is in the README)."""
+    is kept for the backward (memory constant in T and L; the figure is in docs/benchmarks.rst)."""
     model, x = small()
     sizes = set()
     for temps, leapfrog in ((2, 1), (6, 4), (12, 8)):

@@ -1,4 +1,4 @@
-"""benchmarks/reproduce.py paper000 as a CPU smoke run: the three runs train side by side, a run
+"""benchmarks/reproduce.py iwaer-table1 as a CPU smoke run: the three runs train side by side, a run
 stopped by SIGTERM (forwarded to every run) resumes to exactly the numbers of an uninterrupted
 one, and the table carries the paper's numbers."""
 import json
@@ -18,7 +18,7 @@ SMOKE = ["--device", "cpu", "--epochs", "8", "--limit", "100", "--eval-k", "8", 
 
 
 def _cmd(out, *extra):
-    return [sys.executable, SCRIPT, "paper000", "--out", str(out), *SMOKE, *extra]
+    return [sys.executable, SCRIPT, "iwaer-table1", "--out", str(out), *SMOKE, *extra]
 
 
 def _rows(out):
@@ -27,7 +27,7 @@ def _rows(out):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="signals and process groups as on Linux")
-def test_paper000_smoke_run_stops_on_sigterm_and_resumes_exactly(tmp_path):
+def test_iwaer_table1_smoke_run_stops_on_sigterm_and_resumes_exactly(tmp_path):
     straight = tmp_path / "straight"
     r = subprocess.run(_cmd(straight), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
