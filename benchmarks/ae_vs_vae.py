@@ -1,4 +1,4 @@
-"""Paper 003 section 5: reconstruction error of a vanilla autoencoder and a VAE of the same
+"""Kingma and Welling (section 5 of the reproduction by Nicholson et al.): reconstruction error of a vanilla autoencoder and a VAE of the same
 architecture against the latent size.
 
     python benchmarks/ae_vs_vae.py [--latents 2 5 10 20] [--epochs 10] [--out-dir runs/ae-vs-vae]

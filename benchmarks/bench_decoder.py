@@ -22,7 +22,7 @@
    output layer cut to its matrix products (the "matmul floor": the bound of any fused epilogue).
 3. The default training step (k = 5, B = 100, IWAE, the trainer's own loop, eager and compiled)
    with the decoder fused and with the reference path (logmeanexp fused in both).
-CPU goals (issue 14): L_5000 >= 2x, AIS >= 1.5x, the training step not slower, the peak memory
+CPU goals: L_5000 >= 2x, AIS >= 1.5x, the training step not slower, the peak memory
 of L_5000 lower. JSON to benchmarks/results/decoder-<device>.json.
 """
 import argparse

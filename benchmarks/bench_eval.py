@@ -1,6 +1,6 @@
 """Evaluation on real protocols: the cost of per-image random streams, and AIS throughput.
 
-1. Keyed streams (issue 12): L_k (k samples of 100 test images, the evaluation's batch) and an
+1. Keyed streams: L_k (k samples of 100 test images, the evaluation's batch) and an
    AIS run (16 chains per image, the evaluation's layout) with the per-image keyed normals of
    iwae_ext.keyed against the same code drawing from torch's generator, interleaved in one
    process; the median of the per-round ratios is the cost.

@@ -30,6 +30,20 @@ if want mnist; then
   iwae-train --model iwae --k 5 --epochs 30 --batch-size 100 --lr 1e-3 --out iwae-k5
   iwae-train --model vae --k 5 --epochs 30 --batch-size 100 --lr 1e-3 --out vae-k5
   keep iwae-k5 iwae-k5; keep vae-k5 vae-k5
+  # the same 10,000 test images, the same keyed draws: per-image L_5000 of both, for a paired difference
+  for run in iwae-k5 vae-k5; do
+    iwae-eval "$run" --k 5000 --seed 0 --per-point "$run-paired.pt" --no-progress > "$run-paired.json"
+  done
+  python - <<'PY'
+import json, math, torch
+a, b = (torch.load(f"{r}-paired.pt", weights_only=True)["log_likelihood"] for r in ("iwae-k5", "vae-k5"))
+d = a - b
+out = {"iwae_minus_vae": float(d.mean()), "stderr": float(d.std() / math.sqrt(d.numel())), "n": d.numel(),
+       "iwae": float(a.mean()), "vae": float(b.mean()), "iwae_better_images": int((d > 0).sum())}
+print(json.dumps(out))
+json.dump(out, open("iwae-vae-paired.json", "w"), indent=1)
+PY
+  cp iwae-vae-paired.json "$DEST/iwae-vae-paired.json"
 fi
 if want gradvar; then
   log "encoder-gradient variance at k = 50"

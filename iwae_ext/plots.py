@@ -197,7 +197,7 @@ def training_curves(records, path: str) -> dict:
 
 
 def reconstruction_error_figure(rows, path: str) -> dict:
-    """Paper 003's figure 7: test reconstruction MSE of the AE and the VAE against the latent
+    """Kingma and Welling's figure 7 (as reproduced by Nicholson et al.): test reconstruction MSE of the AE and the VAE against the latent
     size, from rows {"latent", "ae_mse", "vae_mse"}. Returns the plotted series."""
     rows = sorted(rows, key=lambda r: r["latent"])
     data = {"latent": [r["latent"] for r in rows], "ae_mse": [r["ae_mse"] for r in rows],

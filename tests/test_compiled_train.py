@@ -1,4 +1,4 @@
-"""The compiled training step (issue 13, item 3): one graph per run (no recompilation across
+"""The compiled training step: one graph per run (no recompilation across
 steps and epochs), the same losses as the eager step to float tolerance, resume exact within the
 compiled mode, and (on CUDA) an epoch with no host synchronisation."""
 import json

@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun (issue 13, item 4): 2 gloo ranks follow the one-process
+"""Data-parallel training under torchrun: 2 gloo ranks follow the one-process
 trajectory (float64, parameters after 20 steps equal to 1e-9 relative), only rank 0 writes, the
 final evaluation is split and gathered, and a run stopped by SIGTERM under torchrun resumes to
 the uninterrupted run's state bit for bit."""

@@ -1,4 +1,4 @@
-"""Per-image determinism, sharded and resumable evaluation (issue 12, items 2-4): an image's
+"""Per-image determinism, sharded and resumable evaluation: an image's
 L_k, AIS and BDMC values do not depend on the batch, the chunking of its samples, the order of
 the images or the process computing them; `iwae-eval` under torchrun (2 gloo ranks) equals one
 process image for image; a killed evaluation resumes to the numbers of an uninterrupted one."""

@@ -382,7 +382,7 @@ class VAE(nn.Module):
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         if self.random_weights != "none":
-            # Paper 000, eq. 3: encoder weights drawn per data point and per sample (x repeated
+            # Hernandez-Lobato et al., eq. 3: encoder weights drawn per data point and per sample (x repeated
             # k times, each row its own draw), z_j ~ q(z|x, phi_j); the decoder's BayesLinear
             # layers draw per row of z, i.e. per sample and data point, too.
             q = DiagonalNormal(*self.encoders[0](self._check_x(x).expand(k, *x.shape)))
