@@ -17,7 +17,6 @@ import json
 import os
 
 import torch
-import torch.distributed as dist
 
 from ._distributed import Dist
 

@@ -7,7 +7,7 @@ import json
 import sys
 
 from .._distributed import Dist
-from ._common import add_threads_flag, apply_threads, at_least, check_device, non_negative_int, positive_int
+from ._common import add_threads_flag, apply_threads, check_device
 
 __all__ = ["main", "parser"]
 
@@ -233,36 +233,6 @@ def _bdmc_rows(model, pos, args) -> list[dict]:
                       seed=args.seed + 1, points=pos)
     return [{"lower": float(lo), "upper": float(up), "lower_stderr": float(ls), "upper_stderr": float(us)}
             for lo, up, ls, us in zip(r.lower, r.upper, r.lower_stderr, r.upper_stderr)]
-
-
-def _lk_rows(model, x, index, pos, args) -> list[dict]:
-    from .. import evaluate
-    b = evaluate.bounds(model, x[pos], args.k, pos.shape[0], seed=args.seed, index=index[pos])
-    return [{"log_likelihood": float(v), "elbo": float(e), "stderr": float(s)}
-            for v, e, s in zip(b.log_likelihood, b.elbo, b.stderr)]
-
-
-def _ais_rows(model, x, index, pos, args) -> list[dict]:
-    from .. import evaluate
-    a = evaluate.ais_log_likelihood(model, x[pos], args.ais_chains, args.ais_temps, args.ais_leapfrog,
-                                    args.ais_schedule, args.ais_init, batch_size=pos.shape[0],
-                                    seed=args.seed, index=index[pos], return_details=True)
-    return [{"log_likelihood": float(v), "stderr": float(s), "acceptance_rate": float(r),
-             "step_size": float(st), "log_weights": w.tolist()}
-            for v, s, r, st, w in zip(a.log_likelihood, a.stderr, a.acceptance_rate, a.step_size, a.log_weights.t())]
-
-
-def _bdmc_rows(model, pos, args) -> list[dict]:
-    import torch
-
-    from .. import evaluate
-    device = next(model.parameters()).device
-    r = evaluate.bdmc(model, args.bdmc, args.ais_chains, args.ais_temps, args.ais_leapfrog, args.ais_schedule,
-                      batch_size=pos.shape[0], generator=torch.Generator(device=device).manual_seed(args.seed + 1),
-                      seed=args.seed + 1, points=pos)
-    return [{"lower": float(lo), "upper": float(up), "lower_stderr": float(ls), "upper_stderr": float(us)}
-            for lo, up, ls, us in zip(r.lower, r.upper, r.lower_stderr, r.upper_stderr)]
-
 
 
 if __name__ == "__main__":
