@@ -78,11 +78,13 @@ if want aiwae; then
   iwae-train --model iwae --k 5 --epochs 20 --seed 0 --out iwae-k5-20ep
   iwae-train --model aiwae --k 5 --temps 5 --leapfrog 5 --epochs 20 --seed 0 --out aiwae-k5-t5
   for run in iwae-k5-20ep aiwae-k5-t5; do
-    iwae-eval "$run" --k 5000 --limit 500 --ais --ais-temps 1000 --seed 0 --per-point per-image.pt \
+    iwae-eval "$run" --k 5000 --limit 500 --ais --ais-temps 1000 --seed 0 --per-point "$run-per-image.pt" \
       --out "$run-eval"
     keep "$run" "$run"
     rm -rf "$DEST/$run-eval"; mkdir -p "$DEST/$run-eval"
     cp "$run-eval"/*.json "$run-eval"/*.jsonl "$DEST/$run-eval/"
   done
+  python "$ROOT/benchmarks/compare_evals.py" iwae-k5-20ep-eval aiwae-k5-t5-eval --names IWAE AIWAE \
+    --json "$ROOT/benchmarks/results/iwae-aiwae-paired.json"
 fi
 log "done"
