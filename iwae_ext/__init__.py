@@ -3,8 +3,10 @@
 The compiled operators live in ``torch.ops.iwae_ext``; ``iwae_ext.ops`` holds their typed,
 differentiable wrappers and ``iwae_ext.ops.reference`` their pure-PyTorch twins. On top:
 ``data`` (data sets), ``models`` (VAE/IWAE modules), ``objectives`` (bounds and gradient
-estimators), ``train`` / ``TrainConfig`` / ``load_checkpoint`` (the trainer); ``evaluate``,
-``samplers`` (HMC, AIS, SIR), ``plots`` (matplotlib figures) and ``report`` load on first use.
+estimators), the function ``train`` with ``TrainConfig`` and ``load_checkpoint`` (from the
+trainer's package, ``iwae_ext.trainer``); ``evaluate``, ``samplers`` (HMC, AIS, SIR), ``plots``
+(matplotlib figures) and ``report`` load on first use. The command lines are ``iwae_ext.cli.train``
+(``iwae-train``) and ``iwae_ext.cli.eval`` (``iwae-eval``).
 """
 import importlib as _importlib
 import re as _re
