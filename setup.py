@@ -51,9 +51,11 @@ def _extension():
     debug = os.environ.get("IWAE_EXT_DEBUG") == "1"
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    opt = ["-O0", "-g"] if debug else ["-O3"]
     # torch adds the -std= its headers need; -fno-math-errno lets loops with sqrt vectorise
-    cxx = opt + ["-fopenmp", "-fno-math-errno"]
+    # -g0 overrides the -g of Python's CFLAGS (nvcc adds no host debug info unless asked, and
+    # rejects -g0)
+    cxx = opt + ([] if debug else ["-g0"]) + ["-fopenmp", "-fno-math-errno"]
     arch_list = ""
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
