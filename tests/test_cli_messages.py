@@ -163,3 +163,13 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout == "ok\n", r
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_loading_onto_a_missing_gpu_is_not_called_corrupt(run_50_latents):
+    with pytest.raises(iwae_ext.CorruptCheckpointError) as e:
+        iwae_ext.load_checkpoint(run_50_latents, map_location="cuda")
+    message = str(e.value)
+    assert "no CUDA device is visible" in message and "map_location='cpu'" in message, message
+    assert "train again" not in message and "corrupt" not in message, message
+    assert iwae_ext.load_checkpoint(run_50_latents, map_location="cpu") is not None

@@ -61,7 +61,7 @@ def state_digest(ckpt: dict) -> str:
     return h.hexdigest()
 
 
-def _why_unreadable(path: str, e: Exception) -> str:
+def _why_unreadable(path: str, e: Exception, map_location) -> str:
     """What is wrong with a file that torch.load(weights_only=True) refused, in our words."""
     import pickle
     import zipfile
@@ -69,7 +69,8 @@ def _why_unreadable(path: str, e: Exception) -> str:
         return ("it holds pickled Python objects beyond tensors and plain containers, which iwae_ext "
                 "never unpickles (it may be another program's file)")
     if "CUDA" in str(e) and not torch.cuda.is_available():
-        return "its tensors were saved on a GPU and no CUDA device is visible: load it with map_location='cpu'"
+        return (f"no CUDA device is visible to load its tensors onto (map_location={map_location!r}, or "
+                f"tensors saved on a GPU); the file may be fine: load it with map_location='cpu'")
     if zipfile.is_zipfile(path):
         return "a torch.save archive, but damaged or truncated"
     return "not a file written by torch.save (truncated, or another kind of file)"
@@ -86,8 +87,9 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         # torch's own message advises loading with weights_only=False: never quoted, never done
-        raise CorruptCheckpointError(f"{path} is not a readable iwae_ext checkpoint: {_why_unreadable(path, e)}. "
-                                     f"Use an earlier checkpoint or train again") from None
+        why = _why_unreadable(path, e, map_location)
+        advice = "" if "the file may be fine" in why else ". Use an earlier checkpoint or train again"
+        raise CorruptCheckpointError(f"{path} is not a readable iwae_ext checkpoint here: {why}{advice}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
         raise CorruptCheckpointError(f"{path} is not an iwae_ext checkpoint (format {CHECKPOINT_FORMAT})")
     want = ckpt.get("digest")
