@@ -1,42 +1,29 @@
-"""What the command lines share: argument types that name the flag, the thread count, the device."""
+"""What the command lines share: argument types that name the flag, and the thread count."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 __all__ = ["positive_int", "non_negative_int", "positive_float", "hidden_widths", "int_list",
-           "add_threads_flag", "apply_threads", "check_device"]
+           "add_threads_flag", "apply_threads", "at_least"]
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    v = _int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
-
-
-def non_negative_int(text: str) -> int:
-    v = _int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def at_least(n: int):
+def at_least(n: int, what: str | None = None):
+    """An argparse type: an integer >= n (``what`` names the bound in the message)."""
     def check(text: str) -> int:
-        v = _int(text)
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if v < n:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {n}, got {v}")
+            raise argparse.ArgumentTypeError(f"must be {what or f'an integer >= {n}'}, got {v}")
         return v
     check.__name__ = f"integer >= {n}"
     return check
+
+
+positive_int = at_least(1, "a positive integer")
+non_negative_int = at_least(0, ">= 0")
 
 
 def positive_float(text: str) -> float:
@@ -64,7 +51,6 @@ def hidden_widths(text: str) -> list[list[int]]:
     return [int_list(part) for part in text.split("/")]
 
 
-
 def add_threads_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="CPU threads for torch's kernels and ours (default: OMP_NUM_THREADS, else one "
@@ -85,22 +71,3 @@ def apply_threads(prog: str, threads: int | None, speak: bool) -> int:
                   "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else "one per core")
         print(f"{prog}: {n} CPU thread{'s' if n != 1 else ''} ({source})", file=sys.stderr, flush=True)
     return n
-
-
-def check_device(name: str) -> str | None:
-    """None if ``name`` is a device this process can use, else a one-line reason."""
-    import torch
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        return f"--device {name!r} is not a device (cpu, cuda, cuda:1)"
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = ("this torch is a CPU-only build" if torch.version.cuda is None
-                   else "CUDA_VISIBLE_DEVICES hides every GPU or no driver is loaded")
-            return f"--device {name}: no CUDA device is visible ({why})"
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            return f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible"
-    elif dev.type != "cpu":
-        return f"--device {name}: only cpu and cuda are supported"
-    return None

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
+from .._checks import device_problem
 from .._distributed import Dist
-from ._common import add_threads_flag, apply_threads, check_device
+from ._common import add_threads_flag, apply_threads
 
 __all__ = ["main", "parser"]
 
@@ -76,9 +77,9 @@ def main(argv=None) -> int:
         p.error(f"--bdmc must be >= 0, got {args.bdmc}")
     if args.resume and not args.out:
         p.error("--resume needs --out (the directory of the evaluation to continue)")
-    problem = check_device(args.device)
+    problem = device_problem(args.device)
     if problem:
-        print(f"iwae-eval: error: {problem}", file=sys.stderr)
+        print(f"iwae-eval: error: --device {problem}", file=sys.stderr)
         return 2
     import os
     apply_threads("iwae-eval", args.threads, os.environ.get("RANK", "0") == "0")

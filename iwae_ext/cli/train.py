@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from ._common import (add_threads_flag, apply_threads, at_least, check_device, hidden_widths, int_list,
+from .._checks import device_problem
+from ._common import (add_threads_flag, apply_threads, at_least, hidden_widths, int_list,
                       non_negative_int, positive_float, positive_int)
 
 __all__ = ["main", "parser"]
@@ -103,9 +104,9 @@ def main(argv=None) -> int:
     threads = args.pop("threads", None)
     device = args.get("device", "auto")
     if device != "auto":
-        problem = check_device(device)
+        problem = device_problem(device)
         if problem:
-            print(f"iwae-train: error: {problem}", file=sys.stderr)
+            print(f"iwae-train: error: --device {problem}", file=sys.stderr)
             return 2
     apply_threads("iwae-train", threads, lead)
     group = None
@@ -163,8 +164,6 @@ def _rank0_value(value, device: str):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0], group
-
-
 
 
 if __name__ == "__main__":

@@ -61,19 +61,20 @@ def state_digest(ckpt: dict) -> str:
     return h.hexdigest()
 
 
-def _why_unreadable(path: str, e: Exception, map_location) -> str:
-    """What is wrong with a file that torch.load(weights_only=True) refused, in our words."""
+def _why_unreadable(path: str, e: Exception, map_location) -> tuple[str, bool]:
+    """What is wrong with a file that torch.load(weights_only=True) refused, in our words, and
+    whether the file itself is at fault (else it may load elsewhere)."""
     import pickle
     import zipfile
     if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e) or "Weights only" in str(e):
         return ("it holds pickled Python objects beyond tensors and plain containers, which iwae_ext "
-                "never unpickles (it may be another program's file)")
+                "never unpickles (it may be another program's file)"), True
     if "CUDA" in str(e) and not torch.cuda.is_available():
         return (f"no CUDA device is visible to load its tensors onto (map_location={map_location!r}, or "
-                f"tensors saved on a GPU); the file may be fine: load it with map_location='cpu'")
+                f"tensors saved on a GPU); the file may be fine: load it with map_location='cpu'"), False
     if zipfile.is_zipfile(path):
-        return "a torch.save archive, but damaged or truncated"
-    return "not a file written by torch.save (truncated, or another kind of file)"
+        return "a torch.save archive, but damaged or truncated", True
+    return "not a file written by torch.save (truncated, or another kind of file)", True
 
 
 def read_checkpoint(path: str, map_location="cpu") -> dict:
@@ -87,8 +88,8 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         # torch's own message advises loading with weights_only=False: never quoted, never done
-        why = _why_unreadable(path, e, map_location)
-        advice = "" if "the file may be fine" in why else ". Use an earlier checkpoint or train again"
+        why, file_at_fault = _why_unreadable(path, e, map_location)
+        advice = ". Use an earlier checkpoint or train again" if file_at_fault else ""
         raise CorruptCheckpointError(f"{path} is not a readable iwae_ext checkpoint here: {why}{advice}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
         raise CorruptCheckpointError(f"{path} is not an iwae_ext checkpoint (format {CHECKPOINT_FORMAT})")

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._checks import device_problem
 from .._distributed import Dist
 from ..data import Dataset, load_dataset
 from ..keyed import STREAMS, KeyedNoise, keyed_draws
@@ -134,10 +135,11 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         import iwae_ext
         name = "cuda" if torch.cuda.is_available() and iwae_ext.build_info()["cuda_kernels"] else "cpu"
-    dev = torch.device(Dist.device_of(name))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: no CUDA device is visible")
-    return dev
+    name = Dist.device_of(name)
+    problem = device_problem(name)
+    if problem:
+        raise ValueError(f"device {problem}")
+    return torch.device(name)
 
 
 def build_model(config: TrainConfig, dataset: Dataset) -> VAE:
