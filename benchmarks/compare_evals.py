@@ -34,9 +34,12 @@ def _mean_se(values):
 
 
 def compare(a_dir, b_dir):
+    rows = {side: {name: _rows(d, pattern) for name, pattern in (("L_k", "*-L*.rank*.jsonl"),
+                                                                 ("ais", "*-ais.rank*.jsonl"))}
+            for side, d in (("a", a_dir), ("b", b_dir))}
     out = {}
-    for name, pattern in (("L_k", "*-L*.rank*.jsonl"), ("ais", "*-ais.rank*.jsonl")):
-        a, b = _rows(a_dir, pattern), _rows(b_dir, pattern)
+    for name in ("L_k", "ais"):
+        a, b = rows["a"][name], rows["b"][name]
         if not a or not b:
             continue
         if set(a) != set(b):
@@ -48,8 +51,8 @@ def compare(a_dir, b_dir):
         out[name] = {"n": len(idx), "a": _mean_se(va), "b": _mean_se(vb),
                      "b_minus_a": _mean_se([y - x for x, y in zip(va, vb)])}
     if "ais" in out and "L_k" in out:
-        for side, d in (("a", a_dir), ("b", b_dir)):
-            lk, ais = _rows(d, "*-L*.rank*.jsonl"), _rows(d, "*-ais.rank*.jsonl")
+        for side in ("a", "b"):
+            lk, ais = rows[side]["L_k"], rows[side]["ais"]
             out[f"gap_{side}"] = _mean_se([ais[i]["log_likelihood"] - lk[i]["log_likelihood"] for i in sorted(ais)])
             out[f"ais_{side}"] = {"acceptance_rate": _mean_se([ais[i]["acceptance_rate"] for i in ais])[0],
                                   "step_size": _mean_se([ais[i]["step_size"] for i in ais])[0]}
