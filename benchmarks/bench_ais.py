@@ -24,6 +24,15 @@ temperatures (sigmoid schedule), L leapfrog steps per transition.
   matmuls   the floor: only the decoder's six matrix products per leapfrog step (three forward,
             three backward in z) at the same shapes, which any implementation must do; their
             ratio to each variant bounds what any implementation could gain over it.
+  iwae_ext_bf16  iwae_ext with the gradients at each trajectory's L - 1 interior positions in
+            bfloat16 (gradient_precision="bf16"; energies, weights and the trajectories' ends
+            in float32: the same estimator), and matmuls_bf16 its floor (the interior products
+            in bfloat16; at the end the forward products in float32, the backward in
+            bfloat16). "bf16_speedup" is iwae_ext / iwae_ext_bf16, "matmuls_vs_matmuls_bf16"
+            the most that lowering the gradients' precision can give at these shapes, and the
+            acceptance rates of the two paths (same seed) are reported beside them.
+The float32 rows ("iwae_ext", the goals against the authors' loop and the float32 floor) run
+with gradient_precision="full".
 All run the same schedule and L; the figure is chain-gradient evaluations per second counted as
 C x (T - 1) x L / seconds for all three. "eager" is checked to give our log-weights from the same
 random numbers, "authors" likewise with adaptation off (float64, a few temperatures). Time:
@@ -43,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_name, measure_interleaved, median, save, status_bytes, synchronize  # noqa: E402
 
 import iwae_ext  # noqa: E402
-from iwae_ext import samplers  # noqa: E402
+from iwae_ext import _precision, samplers  # noqa: E402
 from iwae_ext.evaluate import default_pilot_chains  # noqa: E402
 from iwae_ext.data import load_dataset  # noqa: E402
 from iwae_ext.models import VAE  # noqa: E402
@@ -63,17 +72,21 @@ def model_and_data(chains, device, dtype=torch.float32, seed=0):
     return model, x
 
 
-def ours(model, x, betas, num_leapfrog, step_size, generator):
-    """The evaluation's kernel: CHAINS_PER_IMAGE reported chains per image and the pilot's."""
+def ours(model, x, betas, num_leapfrog, step_size, generator, precision="full", details=False):
+    """The evaluation's kernel: CHAINS_PER_IMAGE reported chains per image and the pilot's, the
+    trajectories' interior gradients in the model's dtype ("full") or bfloat16 ("bf16")."""
     pilot = default_pilot_chains(CHAINS_PER_IMAGE)
-    dens = samplers.model_ais_densities(model, x, CHAINS_PER_IMAGE, "posterior", True, generator, pilot)
-    return samplers.ais(None, None, dens.z0, betas, num_leapfrog, step_size, grad_fn=dens.grad_fn,
-                        generator=generator, pilot_chains=pilot, num_groups=x.shape[0]).log_weights
+    dens = samplers.model_ais_densities(model, x, CHAINS_PER_IMAGE, "posterior", True, generator, pilot,
+                                        gradient_precision=precision)
+    res = samplers.ais(None, None, dens.z0, betas, num_leapfrog, step_size, grad_fn=dens.grad_fn,
+                       generator=generator, pilot_chains=pilot, num_groups=x.shape[0])
+    return res if details else res.log_weights
 
 
 def per_chain(model, x, betas, num_leapfrog, step_size, generator):
     """Every chain adapting on its own history (Wu et al.'s kernel; biased, kept for comparison)."""
-    dens = samplers.model_ais_densities(model, x, CHAINS_PER_IMAGE, "posterior", True, generator)
+    dens = samplers.model_ais_densities(model, x, CHAINS_PER_IMAGE, "posterior", True, generator,
+                                        gradient_precision="full")
     return samplers.ais(None, None, dens.z0, betas, num_leapfrog, step_size, grad_fn=dens.grad_fn,
                         generator=generator, adapt_step_size=True).log_weights
 
@@ -191,20 +204,30 @@ def authors(model, x, betas, num_leapfrog, step_size, generator, target=0.65, in
     return log_w
 
 
-def matmul_floor(model, c, temps, num_leapfrog, device):
+def matmul_floor(model, c, temps, num_leapfrog, device, low=False):
     """Only the matrix products any implementation of this AIS loop must do: per leapfrog step
-    the decoder's three forward products and the three of its backward in z, at C rows."""
+    the decoder's three forward products and the three of its backward in z, at C rows, in
+    float32. ``low``: the floor of the bfloat16-gradient path instead: at the L - 1 interior
+    positions of each trajectory all six in bfloat16, at its end the three forward products in
+    float32 (the exact energy) and the three backward ones in bfloat16."""
     dec = model.decoder
     ws = [m.weight for m in (dec.body[0], dec.body[2], dec.logits)]
     g = torch.Generator(device=device).manual_seed(3)
     hs = [torch.randn(c, w.shape[1], device=device, generator=g) for w in ws]
     gs = [torch.randn(c, w.shape[0], device=device, generator=g) for w in ws]
+    lw, lh, lg = ([t.to(torch.bfloat16) for t in ts] for ts in (ws, hs, gs))
 
     def run():
-        for _ in range((temps - 1) * num_leapfrog):
-            for h, gr, w in zip(hs, gs, ws):
-                torch.mm(h, w.t())
-                torch.mm(gr, w)
+        for _ in range(temps - 1):
+            for step in range(num_leapfrog):
+                end = step + 1 == num_leapfrog
+                for i in range(3):
+                    if not low:
+                        torch.mm(hs[i], ws[i].t())
+                        torch.mm(gs[i], ws[i])
+                        continue
+                    torch.mm(hs[i], ws[i].t()) if end else torch.mm(lh[i], lw[i].t())
+                    torch.mm(lg[i], lw[i])
     return run
 
 
@@ -230,10 +253,14 @@ def throughput(args, device):
         betas = samplers.sigmoid_schedule(args.temps)
         gen = torch.Generator(device=device).manual_seed(0)
         fns = {"iwae_ext": lambda: ours(model, x, betas, args.leapfrog, 0.05, gen),
+               "iwae_ext_bf16": lambda: ours(model, x, betas, args.leapfrog, 0.05, gen, "bf16"),
                "per_chain": lambda: per_chain(model, x, betas, args.leapfrog, 0.05, gen),
                "authors": lambda: authors(model, x, betas, args.leapfrog, 0.05, gen),
                "eager": lambda: eager(model, x, betas, args.leapfrog, 0.05, gen),
-               "matmuls": matmul_floor(model, c, args.temps, args.leapfrog, device)}
+               "matmuls": matmul_floor(model, c, args.temps, args.leapfrog, device),
+               "matmuls_bf16": matmul_floor(model, c, args.temps, args.leapfrog, device, low=True)}
+        if not _precision.fast_bf16(device):
+            print(f"bench_ais: {device} has no fast bfloat16 products; timing the bf16 rows anyway", flush=True)
         times = measure_interleaved(fns, device, rounds=args.rounds, block_seconds=0.0)
         evals = c * (args.temps - 1) * args.leapfrog
         row = {"chains": c, "images": x.shape[0], "temps": args.temps, "leapfrog": args.leapfrog}
@@ -252,6 +279,19 @@ def throughput(args, device):
         row["per_chain_vs_matmuls"] = median([o / m for o, m in zip(times["per_chain"], times["matmuls"])])
         for name in ("authors", "eager"):
             row[f"{name}_vs_matmuls"] = median([e / m for e, m in zip(times[name], times["matmuls"])])
+        # bfloat16 interior gradients: the speedup over the float32 path, how close to its own
+        # matmul floor, and the most that lowering the gradients' precision could give here (the
+        # float32 path's time over the bf16 floor, and the two floors' ratio)
+        ratios = [f / b for f, b in zip(times["iwae_ext"], times["iwae_ext_bf16"])]
+        row["bf16_speedup"] = median(ratios)
+        row["bf16_speedup_range"] = [min(ratios), max(ratios)]
+        row["bf16_vs_matmuls_bf16"] = median([b / m for b, m in zip(times["iwae_ext_bf16"], times["matmuls_bf16"])])
+        row["float32_path_vs_matmuls_bf16"] = median([f / m for f, m in zip(times["iwae_ext"], times["matmuls_bf16"])])
+        row["matmuls_vs_matmuls_bf16"] = median([f / m for f, m in zip(times["matmuls"], times["matmuls_bf16"])])
+        full = ours(model, x, betas, args.leapfrog, 0.05, torch.Generator(device=device).manual_seed(5), "full", True)
+        low = ours(model, x, betas, args.leapfrog, 0.05, torch.Generator(device=device).manual_seed(5), "bf16", True)
+        row["acceptance_float32"] = float(full.acceptance_rate.mean())
+        row["acceptance_bf16"] = float(low.acceptance_rate.mean())
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

@@ -258,9 +258,12 @@ class BernoulliLogProb : public torch::autograd::Function<BernoulliLogProb> {
     at::Tensor dh, dw, db, dx;
     if (dlogit.defined()) {
       const at::Tensor e = dlogit.flatten(0, -2), g1 = g.reshape(-1), h2 = h.flatten(0, -2);
+      // bfloat16 h and weight: the products in bfloat16, g (float32, the output's dtype) and
+      // the sums over rows in float32
+      const bool low = e.scalar_type() != g1.scalar_type();
       if (mask[0]) dh = at::mm(e, w).mul_(g1.unsqueeze(1)).view_as(h);
-      if (mask[1]) dw = at::mm(e.t(), at::mul(h2, g1.unsqueeze(1)));
-      if (mask[2]) db = at::mv(e.t(), g1);
+      if (mask[1]) dw = at::mm(e.t(), at::mul(h2, g1.unsqueeze(1)).to(h2.scalar_type()));
+      if (mask[2]) db = at::mv(low ? e.t().to(g1.scalar_type()) : e.t(), g1).to(b.scalar_type());
     } else if (mask[0] || mask[1] || mask[2]) {
       std::tie(dh, dw, db) = call_bernoulli_log_prob_backward(g, h, w, b, x, mask);
     }
@@ -274,7 +277,8 @@ class BernoulliLogProb : public torch::autograd::Function<BernoulliLogProb> {
         gh = at::sum(gh, dims);
         gs = at::sum(gs, dims);
       }
-      dx = at::mm(gh, w.t()).addcmul_(gs.unsqueeze(-1), b.unsqueeze(0));
+      dx = at::mm(gh, w.t().to(gh.scalar_type()))
+               .addcmul_(gs.unsqueeze(-1), b.unsqueeze(0).to(gh.scalar_type()));
     }
     return {dh, dw, db, dx, at::Tensor()};
   }

@@ -14,6 +14,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
 
 // Forced inline: the CPU kernels call these inside `omp simd` loops, which vectorise only
 // what is inlined.
@@ -52,20 +53,47 @@ IWAE_BERN_INLINE void bern_term_dlogit(T l, T x, M m, T* term, T* dlogit) {
 }
 
 // How the kernels see the op's arguments: h as [M, H] rows (row m belongs to data point
-// m % B), weight [D, H], bias [D], x [B, D], all contiguous and of one dtype and device.
+// m % B), weight [D, H], bias [D], x [B, D], all contiguous and on one device. h and weight
+// share a dtype (the "storage" type of the matrix products and of the logits' blocks);
+// bias and x are in the "math" type of the epilogue: the storage type for float32 and
+// float64, float32 for bfloat16 (the products accumulate in float32, the logits are stored
+// in bfloat16, each element's arithmetic and every sum run in float32 or wider, and the
+// value is float32).
 struct BernArgs {
   at::Tensor h;       // [M, H]
   at::Tensor weight;  // [D, H]
-  at::Tensor bias;    // [D]
-  at::Tensor x;       // [B, D]
+  at::Tensor bias;    // [D], math type
+  at::Tensor x;       // [B, D], math type
   std::vector<int64_t> out_shape;  // h's shape without its last dim
   int64_t M = 0, B = 0, H = 0, D = 0;
+  at::ScalarType math = at::kFloat;  // the value's dtype and the epilogue's arithmetic
 };
+
+// The epilogue's arithmetic type for a storage dtype: bfloat16 -> float32, others themselves.
+inline at::ScalarType bern_math_type(at::ScalarType storage) {
+  return storage == at::kBFloat16 ? at::kFloat : storage;
+}
+
+// Runs f(S{}, T{}) with the storage type S of h and weight (and of the logits' blocks) and the
+// epilogue's arithmetic type T: (float, float), (double, double) or (BFloat16, float).
+template <typename F>
+void bern_dispatch(at::ScalarType storage, F&& f) {
+  switch (storage) {
+    case at::kFloat: f(float{}, float{}); break;
+    case at::kDouble: f(double{}, double{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}, float{}); break;
+    default: TORCH_CHECK(false, "bernoulli_log_prob: unsupported dtype ", storage);
+  }
+}
 
 // Checks (messages name `op` and the argument) and the contiguous views; shared by every
 // device's forward and backward.
 BernArgs bern_args(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                    const at::Tensor& x, const char* op);
+
+// grad_h's optional low_weight, checked (undefined when absent).
+at::Tensor bern_low_weight(const c10::optional<at::Tensor>& low_weight, const BernArgs& a,
+                           const char* op);
 
 // The backward's grad_out: h's shape without its last dim, h's dtype and device; as [M].
 at::Tensor bern_grad_out(const at::Tensor& grad_out, const at::Tensor& h, const BernArgs& a,

@@ -10,6 +10,7 @@
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
 
+#include "activation.h"
 #include "bernoulli.h"
 #include "checks.h"
 #include "logmeanexp.h"
@@ -129,8 +130,9 @@ BernArgs bern_args(const at::Tensor& h, const at::Tensor& weight, const at::Tens
                    const at::Tensor& x, const char* op) {
   TORCH_CHECK(h.dim() >= 2, op, ": h must have shape [..., B, H] (at least two dimensions), got ",
               h.sizes());
-  TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble, op,
-              ": h must be float32 or float64, got ", h.scalar_type());
+  const at::ScalarType st = h.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, op,
+              ": h must be float32, float64 or bfloat16, got ", st);
   TORCH_CHECK(weight.dim() == 2, op, ": weight must have shape [D, H], got ", weight.sizes());
   TORCH_CHECK(weight.size(1) == h.size(-1), op, ": h's last dimension (", h.size(-1),
               ") must equal weight's H (", weight.size(1), "); weight has shape [D, H] = ",
@@ -140,11 +142,17 @@ BernArgs bern_args(const at::Tensor& h, const at::Tensor& weight, const at::Tens
   TORCH_CHECK(x.dim() == 2 && x.size(0) == h.size(-2) && x.size(1) == weight.size(0), op,
               ": x must have shape [B, D] = [", h.size(-2), ", ", weight.size(0),
               "] (h's second-to-last dimension, weight's D), got ", x.sizes());
+  TORCH_CHECK(weight.scalar_type() == st, op, ": weight must have the dtype of h (", st, "), got ",
+              weight.scalar_type());
   const char* names[] = {"weight", "bias", "x"};
   const at::Tensor* ts[] = {&weight, &bias, &x};
   for (int i = 0; i < 3; ++i) {
-    TORCH_CHECK(ts[i]->scalar_type() == h.scalar_type(), op, ": ", names[i],
-                " must have the dtype of h (", h.scalar_type(), "), got ", ts[i]->scalar_type());
+    if (i > 0) {  // bias and x: h's dtype, or float32 beside bfloat16 h and weight
+      const at::ScalarType t = ts[i]->scalar_type();
+      TORCH_CHECK(t == st || (st == at::kBFloat16 && t == at::kFloat), op, ": ", names[i],
+                  " must have the dtype of h (", st, st == at::kBFloat16 ? ") or float32" : ")",
+                  ", got ", t);
+    }
     TORCH_CHECK(ts[i]->device() == h.device(), op, ": ", names[i], " must be on the device of h (",
                 h.device(), "), got ", ts[i]->device());
   }
@@ -152,15 +160,62 @@ BernArgs bern_args(const at::Tensor& h, const at::Tensor& weight, const at::Tens
   a.H = h.size(-1);
   a.B = h.size(-2);
   a.D = weight.size(0);
+  a.math = bern_math_type(st);
   a.out_shape.assign(h.sizes().begin(), h.sizes().end() - 1);
   a.M = prod(h.sizes(), 0, h.dim() - 1);
   // detached: the kernels call matmuls with out= (from worker threads too, which do not see
   // the caller's grad mode), and autograd refuses those on tensors that require grad
   a.h = h.detach().reshape({a.M, a.H}).contiguous();
   a.weight = weight.detach().contiguous();
-  a.bias = bias.detach().contiguous();
-  a.x = x.detach().contiguous();
+  a.bias = bias.detach().to(a.math).contiguous();
+  a.x = x.detach().to(a.math).contiguous();
   return a;
+}
+
+Act act_kind(c10::string_view name, const char* op) {
+  if (name == "tanh") return Act::kTanh;
+  if (name == "sigmoid") return Act::kSigmoid;
+  if (name == "relu") return Act::kRelu;
+  TORCH_CHECK(false, op, ": activation must be one of 'tanh', 'sigmoid', 'relu', got '",
+              std::string(name), "'");
+}
+
+at::Tensor act_check(const at::Tensor& a, const c10::optional<at::Tensor>& bias, const char* op) {
+  const at::ScalarType st = a.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, op,
+              ": a must be float32, float64 or bfloat16, got ", st);
+  TORCH_CHECK(a.dim() >= 1, op, ": a must have at least one dimension, got a scalar");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == a.size(-1), op, ": bias must have shape [",
+                a.size(-1), "] (a's last dimension), got ", bias->sizes());
+    IWAE_CHECK_SAME_DTYPE("activation", "bias", *bias, "a", a);
+    IWAE_CHECK_SAME_DEVICE("activation", "bias", *bias, "a", a);
+  }
+  return a.contiguous();
+}
+
+void act_backward_check(const at::Tensor& grad, const at::Tensor& out, const char* op) {
+  const at::ScalarType st = out.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, op,
+              ": out must be float32, float64 or bfloat16, got ", st);
+  IWAE_CHECK_SHAPE("activation_backward", "grad", grad, out.sizes());
+  IWAE_CHECK_SAME_DTYPE("activation_backward", "grad", grad, "out", out);
+  IWAE_CHECK_SAME_DEVICE("activation_backward", "grad", grad, "out", out);
+}
+
+at::Tensor bern_low_weight(const c10::optional<at::Tensor>& low_weight, const BernArgs& a,
+                           const char* op) {
+  if (!low_weight.has_value() || !low_weight->defined()) return at::Tensor();
+  const at::Tensor& w = *low_weight;
+  TORCH_CHECK(a.h.scalar_type() != at::kBFloat16, op,
+              ": low_weight is for float32 or float64 h (h is already bfloat16)");
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, op, ": low_weight must be bfloat16, got ",
+              w.scalar_type());
+  TORCH_CHECK(w.sizes() == a.weight.sizes(), op, ": low_weight must have weight's shape ",
+              a.weight.sizes(), ", got ", w.sizes());
+  TORCH_CHECK(w.device() == a.h.device(), op, ": low_weight must be on the device of h (",
+              a.h.device(), "), got ", w.device());
+  return w.detach().contiguous();
 }
 
 at::Tensor bern_grad_out(const at::Tensor& grad_out, const at::Tensor& h, const BernArgs& a,
@@ -168,8 +223,8 @@ at::Tensor bern_grad_out(const at::Tensor& grad_out, const at::Tensor& h, const 
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(a.out_shape), op, ": grad_out must have shape ",
               at::IntArrayRef(a.out_shape), " (h's without its last dimension), got ",
               grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == h.scalar_type() && grad_out.device() == h.device(), op,
-              ": grad_out must have h's dtype and device (", h.scalar_type(), ", ", h.device(),
+  TORCH_CHECK(grad_out.scalar_type() == a.math && grad_out.device() == h.device(), op,
+              ": grad_out must have the output's dtype and h's device (", a.math, ", ", h.device(),
               "), got ", grad_out.scalar_type(), ", ", grad_out.device());
   return grad_out.reshape({a.M}).contiguous();
 }
@@ -208,11 +263,16 @@ TORCH_LIBRARY(iwae_ext, m) {
   m.def("bernoulli_log_prob_backward(Tensor grad_out, Tensor h, Tensor weight, Tensor bias, "
         "Tensor x, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // (out, d out / d h) in one pass (the hand-written AIS gradient); out is empty ([0]) unless
-  // value. Not differentiable.
-  m.def("bernoulli_log_prob_grad_h(Tensor h, Tensor weight, Tensor bias, Tensor x, bool value) "
-        "-> (Tensor, Tensor)");
+  // value. low_weight (weight in bfloat16): d/dh = E W from E rounded to bfloat16 and
+  // low_weight (float32 accumulation), in bfloat16; the value stays in h's dtype. Not
+  // differentiable.
+  m.def("bernoulli_log_prob_grad_h(Tensor h, Tensor weight, Tensor bias, Tensor x, bool value, "
+        "Tensor? low_weight=None) -> (Tensor, Tensor)");
   // (out, x - sigmoid(l) [..., B, D]): the forward the autograd formula takes when the logits
   // are small enough to keep. Not differentiable.
+  // Fused activation (csrc/activation.h): act(a + bias) and its gradient from the output.
+  m.def("activation(Tensor a, Tensor? bias, str activation) -> Tensor");
+  m.def("activation_backward(Tensor grad, Tensor out, str activation) -> Tensor");
   m.def("bernoulli_log_prob_dlogit(Tensor h, Tensor weight, Tensor bias, Tensor x) -> (Tensor, Tensor)");
   m.def("keyed_random(Tensor index, Tensor step, int seed, int stream, int rows, int row_start, "
         "int dim, bool normal, ScalarType dtype) -> Tensor");

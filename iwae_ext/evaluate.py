@@ -221,6 +221,7 @@ class AISEstimate:
     acceptance_rate: Tensor    # [N] mean over the point's chains
     step_size: Tensor          # [N] the step size of the point's last transition
     step_schedule: Tensor | None = None  # [T-1, N] with record_step_sizes: each transition's step
+    gradient_precision: str = "full"  # what the trajectories' interior gradients took: "bf16" or "full"
 
     @property
     def stderr(self) -> Tensor:
@@ -247,7 +248,8 @@ def ais_log_likelihood(model, x: Tensor, num_chains: int = 16, num_temps: int = 
                        progress: bool = False, return_details: bool = False, seed: int | None = None,
                        index: Tensor | None = None, reverse_z: Tensor | None = None,
                        desc: str | None = None, pilot_chains: int | None = None,
-                       step_schedule: Tensor | None = None, record_step_sizes: bool = False):
+                       step_schedule: Tensor | None = None, record_step_sizes: bool = False,
+                       gradient_precision: str = "auto"):
     """log p(x) per data point [N] (float64) by annealed importance sampling (Wu et al. 2017).
 
     ``num_chains`` independent AIS chains per point from q(z|x) (``init="posterior"``) or p(z)
@@ -274,6 +276,14 @@ def ais_log_likelihood(model, x: Tensor, num_chains: int = 16, num_temps: int = 
     ``seed`` None takes one draw from ``generator`` (or torch's default generator).
     ``reverse_z`` [N, Z]: run reverse AIS from these exact posterior samples instead (BDMC's
     upper bound; the estimate is then of 1/p(x), see :func:`bdmc`).
+
+    ``gradient_precision`` ("auto", "bf16" or "full"): the precision of the gradients at the
+    interior positions of each HMC trajectory (:func:`iwae_ext.samplers.model_ais_densities`).
+    The weights, the energies of every Metropolis test and the gradients at the trajectories'
+    ends stay in the model's dtype, so "bf16" is the same estimator (only the acceptance rate
+    can differ); "auto" takes bf16 for the package's float32 models where the device multiplies
+    bfloat16 faster (docs/sampling.rst, "Gradient precision"). The result's
+    ``gradient_precision`` says which ran.
     """
     from .samplers import ais, model_ais_densities
     _check(x, 1, batch_size, model)
@@ -306,7 +316,9 @@ def ais_log_likelihood(model, x: Tensor, num_chains: int = 16, num_temps: int = 
                 xb = x[start:start + batch_size].to(device=p.device, dtype=p.dtype)
                 b = xb.shape[0]
                 noise = KeyedNoise(seed, index[start:start + batch_size], p.device)
-                dens = model_ais_densities(model, xb, num_chains, init, fast_grad, noise, pilot)
+                dens = model_ais_densities(model, xb, num_chains, init, fast_grad, noise, pilot,
+                                           gradient_precision)
+                used = "full" if dens.gradient_dtype is None else "bf16"
                 fixed = None if step_schedule is None else step_schedule[:, start:start + batch_size]
                 kw = dict(grad_fn=dens.grad_fn, generator=noise, pilot_chains=pilot,
                           temperature_step_sizes=fixed, record_step_sizes=record_step_sizes)
@@ -316,6 +328,10 @@ def ais_log_likelihood(model, x: Tensor, num_chains: int = 16, num_temps: int = 
                     def backwards(zz, f=dens.grad_fn):
                         li, lt, gi, gt = f(zz)
                         return lt, li, gt, gi  # the target is the start, q(z|x) the end
+
+                    inner = getattr(dens.grad_fn, "grads_only", None)
+                    if inner is not None:
+                        backwards.grads_only = lambda zz, f=inner: f(zz)[::-1]
 
                     zb = reverse_z[start:start + batch_size].to(device=p.device, dtype=p.dtype)
                     kw["grad_fn"] = backwards
@@ -336,7 +352,8 @@ def ais_log_likelihood(model, x: Tensor, num_chains: int = 16, num_temps: int = 
     if not return_details:
         return ll
     return AISEstimate(ll, torch.cat(weights, 1), torch.cat(rates), torch.cat(steps),
-                       torch.cat(schedules, 1) if record_step_sizes else None)
+                       torch.cat(schedules, 1) if record_step_sizes else None,
+                       used if x.shape[0] else "full")
 
 
 @dataclass
@@ -379,7 +396,7 @@ def bdmc(model, num_points: int = 100, num_chains: int = 16, num_temps: int = 10
          num_leapfrog: int = 10, schedule: str = "sigmoid", step_size: float = 0.05,
          target_accept: float = 0.65, batch_size: int = 100, fast_grad: bool = True,
          generator: torch.Generator | None = None, seed: int | None = None,
-         points: Tensor | None = None) -> BDMCResult:
+         points: Tensor | None = None, gradient_precision: str = "auto") -> BDMCResult:
     """Sandwich log p(x) on ``num_points`` points simulated from the model (one stochastic layer).
 
     Forward AIS (q(z|x) -> p(x, z)) gives a stochastic lower bound; reverse AIS (p(z|x) -> q(z|x),
@@ -389,7 +406,8 @@ def bdmc(model, num_points: int = 100, num_chains: int = 16, num_temps: int = 10
     mirrored (:func:`iwae_ext.samplers.mirrored_schedule`), the same kernels in reverse order. The points are drawn
     with ``generator``; the AIS runs use per-point streams under ``seed`` (None: one draw from
     ``generator``), so ``points`` (indices into the simulated set, e.g. one process's share)
-    gives each point the values it has in the whole run.
+    gives each point the values it has in the whole run. ``gradient_precision``: as in
+    :func:`ais_log_likelihood`, for both directions.
     """
     x, z = simulate(model, num_points, generator)
     seed = resolve_seed(seed, generator)
@@ -399,9 +417,10 @@ def bdmc(model, num_points: int = 100, num_chains: int = 16, num_temps: int = 10
               batch_size, fast_grad)
     from .samplers import mirrored_schedule
     fwd = ais_log_likelihood(model, x, *common, return_details=True, seed=seed, index=index,
-                             record_step_sizes=True)
+                             record_step_sizes=True, gradient_precision=gradient_precision)
     rev = ais_log_likelihood(model, x, *common, return_details=True, seed=seed, index=index, reverse_z=z,
-                             step_schedule=mirrored_schedule(fwd.step_schedule))
+                             step_schedule=mirrored_schedule(fwd.step_schedule),
+                             gradient_precision=gradient_precision)
     return BDMCResult(x.cpu(), z.cpu(), fwd.log_likelihood, -rev.log_likelihood,
                       log_mean_exp_stderr(fwd.log_weights), log_mean_exp_stderr(rev.log_weights))
 

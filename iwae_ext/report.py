@@ -64,7 +64,7 @@ def write_report(model, dataset, out_dir: str, run_dir: str | None = None, k: in
         m["ais_log_likelihood"], m["ais_log_likelihood_stderr"] = _mean_se(a.log_likelihood)
         m["ais_nll"] = -m["ais_log_likelihood"]
         m["variational_gap_ais"] = float((a.log_likelihood - test.log_likelihood).mean())
-        m["ais"] = dict(ais)
+        m["ais"] = dict(ais, gradient_precision=a.gradient_precision)  # what ran ("auto" resolved)
     figures, notes = {}, []
     device, dtype = _protocol.device_dtype(model, x_test)
     shape = tuple(dataset.image_shape) if len(dataset.image_shape) == 2 else None

@@ -211,7 +211,7 @@ def test_bad_input_names_the_argument(device):
              ((h, w, b, x[:2]), r"x must have shape \[B, D\] = \[3, 5\]"),
              ((h, w.float(), b, x), "weight must have the dtype of h"),
              ((h, w, b, x.float()), "x must have the dtype of h"),
-             ((h.half(), w.half(), b.half(), x.half()), "h must be float32 or float64")]
+             ((h.half(), w.half(), b.half(), x.half()), "h must be float32, float64 or bfloat16")]
     for args, msg in cases:
         with pytest.raises(RuntimeError, match=msg):
             bernoulli_log_prob(*args)

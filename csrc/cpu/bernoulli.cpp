@@ -43,14 +43,17 @@ struct CpuMath {
   IWAE_INLINE T log1p_unit(T e) const { return cpu_math::log1p_unit(e); }
 };
 
-// One row: l holds h_m W^T (without the bias). kValue: returns sum_d of the terms; kGrad:
-// overwrites l with g (x - sigmoid(l + bias)). The terms are summed in 64-byte lanes of the
-// element type over runs of kRun vectors, each run's lanes then added into lanes of double (a
-// fixed order, whatever the ISA; few conversions). The last D % kLanes columns go through the
-// same vector code from padded local arrays.
-template <typename T, bool kValue, bool kGrad>
-IWAE_INLINE double row_epilogue(T* __restrict__ l, const T* __restrict__ bias,
+// One row: l holds h_m W^T (without the bias), in the storage type S (T, or bfloat16 with
+// T = float). kValue: returns sum_d of the terms; kGrad: overwrites l with g (x - sigmoid(l +
+// bias)), rounded to S. The terms are summed in 64-byte lanes of T over runs of kRun vectors,
+// each run's lanes then added into lanes of double (a fixed order, whatever the ISA; few
+// conversions). The last D % kLanes columns go through the same vector code from padded
+// local arrays.
+template <typename S, typename T, bool kValue, bool kGrad>
+IWAE_INLINE double row_epilogue(S* __restrict__ l, const T* __restrict__ bias,
                                 const T* __restrict__ x, T g, int64_t D) {
+  using cpu_math::narrow_into;
+  using cpu_math::widen;
   constexpr int kLanes = 64 / sizeof(T);
   constexpr int64_t kRun = 8;
   const CpuMath m;
@@ -64,21 +67,21 @@ IWAE_INLINE double row_epilogue(T* __restrict__ l, const T* __restrict__ bias,
   int64_t d = 0;
   int64_t in_run = 0;
   for (; d + kLanes <= D; d += kLanes) {
-    T* __restrict__ lp = l + d;
+    S* __restrict__ lp = l + d;
     const T* __restrict__ bp = bias + d;
     const T* __restrict__ xp = x + d;
 #pragma omp simd
     for (int j = 0; j < kLanes; ++j) {
-      const T lv = lp[j] + bp[j];
+      const T lv = widen(lp[j]) + bp[j];
       if constexpr (kValue && kGrad) {
         T t, dl;
         bern_term_dlogit(lv, xp[j], m, &t, &dl);
         part[j] += t;
-        lp[j] = g * dl;
+        narrow_into(lp + j, g * dl);
       } else if constexpr (kValue) {
         part[j] += bern_term(lv, xp[j], m);
       } else {
-        lp[j] = g * bern_dlogit(lv, xp[j], m);
+        narrow_into(lp + j, g * bern_dlogit(lv, xp[j], m));
       }
     }
     if (kValue && ++in_run == kRun) {
@@ -95,7 +98,7 @@ IWAE_INLINE double row_epilogue(T* __restrict__ l, const T* __restrict__ bias,
     T lt[kLanes], xt[kLanes], et[kLanes];
 #pragma omp simd
     for (int j = 0; j < kLanes; ++j) {
-      lt[j] = j < n ? l[d + j] + bias[d + j] : T(0);
+      lt[j] = j < n ? widen(l[d + j]) + bias[d + j] : T(0);
       xt[j] = j < n ? x[d + j] : T(0);
     }
 #pragma omp simd
@@ -112,7 +115,7 @@ IWAE_INLINE double row_epilogue(T* __restrict__ l, const T* __restrict__ bias,
       et[j] = g * dl;
     }
     if constexpr (kGrad)
-      for (int64_t j = 0; j < n; ++j) l[d + j] = et[j];
+      for (int64_t j = 0; j < n; ++j) narrow_into(l + d + j, et[j]);
   }
   double s = 0.0;
   if constexpr (kValue)
@@ -122,64 +125,65 @@ IWAE_INLINE double row_epilogue(T* __restrict__ l, const T* __restrict__ bias,
 
 // The rows of one block. out (kValue) and g (kGrad; nullptr: g = 1) are indexed by the
 // global row r0 + r; db (nullable) accumulates the column sums of E in double.
-template <typename T, bool kValue, bool kGrad>
-IWAE_INLINE void block_epilogue(T* __restrict__ L, const T* __restrict__ bias,
+template <typename S, typename T, bool kValue, bool kGrad>
+IWAE_INLINE void block_epilogue(S* __restrict__ L, const T* __restrict__ bias,
                                 const T* __restrict__ x, const T* __restrict__ g, T* __restrict__ out,
                                 double* __restrict__ db, int64_t r0, int64_t rows, int64_t B,
                                 int64_t D) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = r0 + r;
-    T* lr = L + r * D;
-    const double v = row_epilogue<T, kValue, kGrad>(lr, bias, x + (row % B) * D,
-                                                    g != nullptr ? g[row] : T(1), D);
+    S* lr = L + r * D;
+    const double v = row_epilogue<S, T, kValue, kGrad>(lr, bias, x + (row % B) * D,
+                                                       g != nullptr ? g[row] : T(1), D);
     if constexpr (kValue) out[row] = static_cast<T>(v);
     if constexpr (kGrad) {
       if (db != nullptr) {
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) db[d] += static_cast<double>(lr[d]);
+        for (int64_t d = 0; d < D; ++d) db[d] += static_cast<double>(cpu_math::widen(lr[d]));
       }
     }
   }
 }
 
-#define IWAE_BERN_CLONES(T)                                                                   \
-  IWAE_SIMD_CLONES void bern_value_block(T* L, const T* bias, const T* x, T* out, int64_t r0, \
+#define IWAE_BERN_CLONES(S, T)                                                                \
+  IWAE_SIMD_CLONES void bern_value_block(S* L, const T* bias, const T* x, T* out, int64_t r0, \
                                          int64_t rows, int64_t B, int64_t D) {                \
-    block_epilogue<T, true, false>(L, bias, x, nullptr, out, nullptr, r0, rows, B, D);        \
+    block_epilogue<S, T, true, false>(L, bias, x, nullptr, out, nullptr, r0, rows, B, D);     \
   }                                                                                           \
-  IWAE_SIMD_CLONES void bern_grad_block(T* L, const T* bias, const T* x, const T* g, T* out,  \
+  IWAE_SIMD_CLONES void bern_grad_block(S* L, const T* bias, const T* x, const T* g, T* out,  \
                                         double* db, int64_t r0, int64_t rows, int64_t B,      \
                                         int64_t D) {                                          \
     if (out != nullptr)                                                                       \
-      block_epilogue<T, true, true>(L, bias, x, g, out, db, r0, rows, B, D);                  \
+      block_epilogue<S, T, true, true>(L, bias, x, g, out, db, r0, rows, B, D);               \
     else                                                                                      \
-      block_epilogue<T, false, true>(L, bias, x, g, out, db, r0, rows, B, D);                 \
+      block_epilogue<S, T, false, true>(L, bias, x, g, out, db, r0, rows, B, D);              \
   }
 
-IWAE_BERN_CLONES(float)
-IWAE_BERN_CLONES(double)
+IWAE_BERN_CLONES(float, float)
+IWAE_BERN_CLONES(double, double)
+IWAE_BERN_CLONES(c10::BFloat16, float)
 #undef IWAE_BERN_CLONES
-
 
 at::Tensor forward_cpu(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
                        const at::Tensor& x) {
   constexpr const char* op = "bernoulli_log_prob";
   const BernArgs a = bern_args(h, weight, bias, x, op);
-  at::Tensor out = at::empty({a.M}, a.h.options());
+  at::Tensor out = at::empty({a.M}, a.h.options().dtype(a.math));
   if (a.M == 0) return out.view(a.out_shape);
   const int64_t R = bern_block_rows(a.M, a.D, a.h.element_size(), kForwardBytes, at::get_num_threads());
   const int64_t n_blocks = (a.M + R - 1) / R;
   const at::Tensor wt = a.weight.t();
-  AT_DISPATCH_FLOATING_TYPES(a.h.scalar_type(), op, [&] {
+  bern_dispatch(a.h.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
     at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
       at::Tensor buf = at::empty({std::min(R, a.M), a.D}, a.h.options());
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t r0 = blk * R, rows = std::min(R, a.M - r0);
         at::Tensor L = buf.narrow(0, 0, rows);
         at::mm_out(L, a.h.narrow(0, r0, rows), wt);
-        bern_value_block(L.data_ptr<scalar_t>(), a.bias.const_data_ptr<scalar_t>(),
-                         a.x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), r0, rows, a.B,
-                         a.D);
+        bern_value_block(L.data_ptr<S>(), a.bias.const_data_ptr<T>(), a.x.const_data_ptr<T>(),
+                         out.data_ptr<T>(), r0, rows, a.B, a.D);
       }
     });
   });
@@ -193,24 +197,34 @@ struct GradResult {
 
 // keep (defined: [M, D]): the blocks are formed there instead of in a buffer, so that it
 // ends up holding g (x - sigmoid(l)) in full.
+// low_w (defined: bfloat16 [D, H]): d h = E W taken as round(E) low_w, in bfloat16.
 GradResult grad_cpu(const BernArgs& a, const at::Tensor& g, bool want_value, bool want_dh,
-                    bool want_dw, bool want_db, const at::Tensor& keep = at::Tensor()) {
+                    bool want_dw, bool want_db, const at::Tensor& keep = at::Tensor(),
+                    const at::Tensor& low_w = at::Tensor()) {
   GradResult res;
   const auto opts = a.h.options();
-  if (want_value) res.value = at::empty({a.M}, opts);
-  if (want_dh) res.dh = at::empty({a.M, a.H}, opts);
+  const auto math_opts = opts.dtype(a.math);
+  if (want_value) res.value = at::empty({a.M}, math_opts);
+  if (want_dh) res.dh = at::empty({a.M, a.H}, low_w.defined() ? low_w.options() : opts);
   const int64_t R = bern_block_rows(a.M, a.D, a.h.element_size(), kBackwardBytes, at::get_num_threads());
   const int64_t n_blocks = (a.M + R - 1) / R;
   const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_blocks));
-  at::Tensor dw_parts = want_dw ? at::zeros({n_tasks, a.D, a.H}, opts) : at::Tensor();
+  // d W is summed in the math type (float32 beside bfloat16: each block's product is rounded
+  // once, the sum over blocks is not)
+  at::Tensor dw_parts = want_dw ? at::zeros({n_tasks, a.D, a.H}, math_opts) : at::Tensor();
   at::Tensor db_parts = want_db ? at::zeros({n_tasks, a.D}, opts.dtype(at::kDouble)) : at::Tensor();
+  const bool low = a.h.scalar_type() != a.math;
   if (a.M > 0 && (want_value || want_dh || want_dw || want_db || keep.defined())) {
     const at::Tensor wt = a.weight.t();
-    AT_DISPATCH_FLOATING_TYPES(a.h.scalar_type(), "bernoulli_log_prob_backward", [&] {
-      const scalar_t* gp = g.defined() ? g.const_data_ptr<scalar_t>() : nullptr;
-      scalar_t* vp = want_value ? res.value.data_ptr<scalar_t>() : nullptr;
+    bern_dispatch(a.h.scalar_type(), [&](auto s_tag, auto t_tag) {
+      using S = decltype(s_tag);
+      using T = decltype(t_tag);
+      const T* gp = g.defined() ? g.const_data_ptr<T>() : nullptr;
+      T* vp = want_value ? res.value.data_ptr<T>() : nullptr;
       at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
         at::Tensor buf = keep.defined() ? at::Tensor() : at::empty({std::min(R, a.M), a.D}, opts);
+        at::Tensor ebuf = low_w.defined() && want_dh ? at::empty({std::min(R, a.M), a.D}, low_w.options())
+                                                     : at::Tensor();
         for (int64_t t = t0; t < t1; ++t) {
           at::Tensor dw_t = want_dw ? dw_parts.select(0, t) : at::Tensor();
           double* db_t = want_db ? db_parts.data_ptr<double>() + t * a.D : nullptr;
@@ -219,20 +233,31 @@ GradResult grad_cpu(const BernArgs& a, const at::Tensor& g, bool want_value, boo
             at::Tensor L = keep.defined() ? keep.narrow(0, r0, rows) : buf.narrow(0, 0, rows);
             const at::Tensor h_blk = a.h.narrow(0, r0, rows);
             at::mm_out(L, h_blk, wt);
-            bern_grad_block(L.data_ptr<scalar_t>(), a.bias.const_data_ptr<scalar_t>(),
-                            a.x.const_data_ptr<scalar_t>(), gp, vp, db_t, r0, rows, a.B, a.D);
+            bern_grad_block(L.data_ptr<S>(), a.bias.const_data_ptr<T>(), a.x.const_data_ptr<T>(),
+                            gp, vp, db_t, r0, rows, a.B, a.D);
             if (want_dh) {
               at::Tensor dh_blk = res.dh.narrow(0, r0, rows);
-              at::mm_out(dh_blk, L, a.weight);
+              if (low_w.defined()) {
+                at::Tensor e = ebuf.narrow(0, 0, rows);
+                e.copy_(L);
+                at::mm_out(dh_blk, e, low_w);
+              } else {
+                at::mm_out(dh_blk, L, a.weight);
+              }
             }
-            if (want_dw) dw_t.addmm_(L.t(), h_blk);
+            if (want_dw) {
+              if (low)
+                dw_t.add_(at::mm(L.t(), h_blk));
+              else
+                dw_t.addmm_(L.t(), h_blk);
+            }
           }
         }
       });
     });
   }
-  if (want_dw) res.dw = n_tasks == 1 ? dw_parts[0] : dw_parts.sum(0);
-  if (want_db) res.db = db_parts.sum(0).to(a.h.scalar_type());
+  if (want_dw) res.dw = (n_tasks == 1 ? dw_parts[0] : dw_parts.sum(0)).to(a.weight.scalar_type());
+  if (want_db) res.db = db_parts.sum(0).to(a.math);
   return res;
 }
 
@@ -246,16 +271,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
   const BernArgs a = bern_args(h, weight, bias, x, op);
   GradResult r = grad_cpu(a, bern_grad_out(grad_out, h, a, op), false, mask[0], mask[1], mask[2]);
   if (mask[0]) r.dh = r.dh.view(h.sizes());
+  if (mask[2]) r.db = r.db.to(bias.scalar_type());
   return {r.dh, r.dw, r.db};
 }
 
 std::tuple<at::Tensor, at::Tensor> grad_h_cpu(const at::Tensor& h, const at::Tensor& weight,
                                               const at::Tensor& bias, const at::Tensor& x,
-                                              bool value) {
+                                              bool value,
+                                              const c10::optional<at::Tensor>& low_weight) {
   constexpr const char* op = "bernoulli_log_prob_grad_h";
   const BernArgs a = bern_args(h, weight, bias, x, op);
-  GradResult r = grad_cpu(a, at::Tensor(), value, true, false, false);
-  at::Tensor v = value ? r.value.view(a.out_shape) : at::empty({0}, a.h.options());
+  const at::Tensor low_w = bern_low_weight(low_weight, a, op);
+  GradResult r = grad_cpu(a, at::Tensor(), value, true, false, false, at::Tensor(), low_w);
+  at::Tensor v = value ? r.value.view(a.out_shape) : at::empty({0}, a.h.options().dtype(a.math));
   return {v, r.dh.view(h.sizes())};
 }
 

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <limits>
 
+#include <c10/util/BFloat16.h>
+
 #include "simd.h"
 
 namespace iwae_ext {
@@ -192,6 +194,21 @@ IWAE_INLINE double log1p_unit(double e) {
   p = p * z + 1.0 / 3;
   return (big ? kLn2 : 0.0) + (2.0 * s + 2.0 * s * (z * p));
 }
+
+// Storage <-> arithmetic types of the kernels' loops: bfloat16 is read as float32 and written
+// back rounded to nearest even, by bit operations the vectoriser sees through (c10's
+// conversions branch on NaN); float32 and float64 pass through.
+IWAE_INLINE float widen(c10::BFloat16 v) { return from_bits<float>(static_cast<uint32_t>(v.x) << 16); }
+IWAE_INLINE float widen(float v) { return v; }
+IWAE_INLINE double widen(double v) { return v; }
+
+IWAE_INLINE void narrow_into(c10::BFloat16* dst, float v) {
+  uint32_t u = to_bits(v);
+  u += 0x7FFFu + ((u >> 16) & 1u);  // a NaN stays a NaN (its high mantissa bits are set)
+  dst->x = static_cast<uint16_t>(u >> 16);
+}
+IWAE_INLINE void narrow_into(float* dst, float v) { *dst = v; }
+IWAE_INLINE void narrow_into(double* dst, double v) { *dst = v; }
 
 }  // namespace cpu_math
 }  // namespace iwae_ext

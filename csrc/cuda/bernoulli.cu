@@ -40,10 +40,11 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
-// One warp per row of the block: L [rows, D] holds h W^T without the bias. kValue: out[r0 + r]
-// = the row's sum; kGrad: L <- g (x - sigmoid(l + bias)) (g == nullptr: 1).
-template <typename T, bool kValue, bool kGrad>
-__global__ void epilogue_kernel(T* __restrict__ L, const T* __restrict__ bias,
+// One warp per row of the block: L [rows, D] holds h W^T without the bias, in the storage
+// type S (T, or bfloat16 with T = float). kValue: out[r0 + r] = the row's sum; kGrad: L <- g
+// (x - sigmoid(l + bias)) (g == nullptr: 1), rounded to S.
+template <typename S, typename T, bool kValue, bool kGrad>
+__global__ void epilogue_kernel(S* __restrict__ L, const T* __restrict__ bias,
                                 const T* __restrict__ x, const T* __restrict__ g,
                                 T* __restrict__ out, int64_t r0, int64_t rows, int64_t B,
                                 int64_t D) {
@@ -51,22 +52,22 @@ __global__ void epilogue_kernel(T* __restrict__ L, const T* __restrict__ bias,
   const int64_t r = blockIdx.x * int64_t(kWarpsPerBlock) + (threadIdx.x >> 5);
   if (r >= rows) return;
   const int64_t row = r0 + r;
-  T* lr = L + r * D;
+  S* lr = L + r * D;
   const T* xr = x + (row % B) * D;
   const T gv = (kGrad && g != nullptr) ? g[row] : T(1);
   const CudaMath m;
   double acc = 0.0;
   for (int64_t d = lane; d < D; d += 32) {
-    const T lv = lr[d] + bias[d];
+    const T lv = static_cast<T>(lr[d]) + bias[d];
     if constexpr (kValue && kGrad) {
       T t, dl;
       bern_term_dlogit(lv, xr[d], m, &t, &dl);
       acc += static_cast<double>(t);
-      lr[d] = gv * dl;
+      lr[d] = static_cast<S>(gv * dl);
     } else if constexpr (kValue) {
       acc += static_cast<double>(bern_term(lv, xr[d], m));
     } else {
-      lr[d] = gv * bern_dlogit(lv, xr[d], m);
+      lr[d] = static_cast<S>(gv * bern_dlogit(lv, xr[d], m));
     }
   }
   if constexpr (kValue) {
@@ -75,11 +76,11 @@ __global__ void epilogue_kernel(T* __restrict__ L, const T* __restrict__ bias,
   }
 }
 
-template <typename T, bool kValue, bool kGrad>
-void launch(T* L, const T* bias, const T* x, const T* g, T* out, int64_t r0, int64_t rows,
+template <typename S, typename T, bool kValue, bool kGrad>
+void launch(S* L, const T* bias, const T* x, const T* g, T* out, int64_t r0, int64_t rows,
             int64_t B, int64_t D, cudaStream_t stream) {
   const int64_t grid = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  epilogue_kernel<T, kValue, kGrad><<<static_cast<unsigned>(grid), 32 * kWarpsPerBlock, 0, stream>>>(
+  epilogue_kernel<S, T, kValue, kGrad><<<static_cast<unsigned>(grid), 32 * kWarpsPerBlock, 0, stream>>>(
       L, bias, x, g, out, r0, rows, B, D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -90,20 +91,21 @@ at::Tensor forward_cuda(const at::Tensor& h, const at::Tensor& weight, const at:
   constexpr const char* op = "bernoulli_log_prob";
   const BernArgs a = bern_args(h, weight, bias, x, op);
   const c10::cuda::CUDAGuard guard(h.device());
-  at::Tensor out = at::empty({a.M}, a.h.options());
+  at::Tensor out = at::empty({a.M}, a.h.options().dtype(a.math));
   if (a.M == 0) return out.view(a.out_shape);
   const int64_t R = std::min(a.M, bern_block_rows(a.M, a.D, a.h.element_size(), kBlockBytes, 1));
   const at::Tensor wt = a.weight.t();
   at::Tensor buf = at::empty({R, a.D}, a.h.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(a.h.scalar_type(), op, [&] {
+  bern_dispatch(a.h.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
     for (int64_t r0 = 0; r0 < a.M; r0 += R) {
       const int64_t rows = std::min(R, a.M - r0);
       at::Tensor L = buf.narrow(0, 0, rows);
       at::mm_out(L, a.h.narrow(0, r0, rows), wt);
-      launch<scalar_t, true, false>(L.data_ptr<scalar_t>(), a.bias.const_data_ptr<scalar_t>(),
-                                    a.x.const_data_ptr<scalar_t>(), nullptr,
-                                    out.data_ptr<scalar_t>(), r0, rows, a.B, a.D, stream);
+      launch<S, T, true, false>(L.data_ptr<S>(), a.bias.const_data_ptr<T>(), a.x.const_data_ptr<T>(),
+                                nullptr, out.data_ptr<T>(), r0, rows, a.B, a.D, stream);
     }
   });
   return out.view(a.out_shape);
@@ -114,44 +116,66 @@ struct GradResult {
 };
 
 // keep (defined: [M, D]): the blocks are formed there instead of in a buffer, so that it
-// ends up holding g (x - sigmoid(l)) in full.
+// ends up holding g (x - sigmoid(l)) in full. low_w (defined: bfloat16 [D, H]): d h = E W
+// taken as round(E) low_w, in bfloat16. d W and d bias are summed in the math type.
 GradResult grad_cuda(const BernArgs& a, const at::Tensor& g, bool want_value, bool want_dh,
-                    bool want_dw, bool want_db, const at::Tensor& keep = at::Tensor()) {
+                    bool want_dw, bool want_db, const at::Tensor& keep = at::Tensor(),
+                    const at::Tensor& low_w = at::Tensor()) {
   const c10::cuda::CUDAGuard guard(a.h.device());
   GradResult res;
   const auto opts = a.h.options();
-  if (want_value) res.value = at::empty({a.M}, opts);
-  if (want_dh) res.dh = at::empty({a.M, a.H}, opts);  // every row is written below
-  if (want_dw) res.dw = at::zeros({a.D, a.H}, opts);
-  if (want_db) res.db = at::zeros({a.D}, opts);
-  if (a.M == 0 || !(want_value || want_dh || want_dw || want_db || keep.defined())) return res;
+  const auto math_opts = opts.dtype(a.math);
+  const bool low = a.h.scalar_type() != a.math;
+  if (want_value) res.value = at::empty({a.M}, math_opts);
+  // every row is written below
+  if (want_dh) res.dh = at::empty({a.M, a.H}, low_w.defined() ? low_w.options() : opts);
+  if (want_dw) res.dw = at::zeros({a.D, a.H}, math_opts);
+  if (want_db) res.db = at::zeros({a.D}, math_opts);
+  if (a.M == 0 || !(want_value || want_dh || want_dw || want_db || keep.defined())) {
+    if (want_dw) res.dw = res.dw.to(a.weight.scalar_type());
+    return res;
+  }
   const int64_t R = std::min(a.M, bern_block_rows(a.M, a.D, a.h.element_size(), kBlockBytes, 1));
   const at::Tensor wt = a.weight.t();
   at::Tensor buf = keep.defined() ? at::Tensor() : at::empty({R, a.D}, opts);
+  at::Tensor ebuf = low_w.defined() && want_dh ? at::empty({R, a.D}, low_w.options()) : at::Tensor();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(a.h.scalar_type(), "bernoulli_log_prob_backward", [&] {
-    const scalar_t* gp = g.defined() ? g.const_data_ptr<scalar_t>() : nullptr;
+  bern_dispatch(a.h.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
+    const T* gp = g.defined() ? g.const_data_ptr<T>() : nullptr;
     for (int64_t r0 = 0; r0 < a.M; r0 += R) {
       const int64_t rows = std::min(R, a.M - r0);
       at::Tensor L = keep.defined() ? keep.narrow(0, r0, rows) : buf.narrow(0, 0, rows);
       const at::Tensor h_blk = a.h.narrow(0, r0, rows);
       at::mm_out(L, h_blk, wt);
-      scalar_t* lp = L.data_ptr<scalar_t>();
-      const scalar_t* bp = a.bias.const_data_ptr<scalar_t>();
-      const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+      S* lp = L.data_ptr<S>();
+      const T* bp = a.bias.const_data_ptr<T>();
+      const T* xp = a.x.const_data_ptr<T>();
       if (want_value)
-        launch<scalar_t, true, true>(lp, bp, xp, gp, res.value.data_ptr<scalar_t>(), r0, rows,
-                                     a.B, a.D, stream);
+        launch<S, T, true, true>(lp, bp, xp, gp, res.value.data_ptr<T>(), r0, rows, a.B, a.D, stream);
       else
-        launch<scalar_t, false, true>(lp, bp, xp, gp, nullptr, r0, rows, a.B, a.D, stream);
+        launch<S, T, false, true>(lp, bp, xp, gp, nullptr, r0, rows, a.B, a.D, stream);
       if (want_dh) {
         at::Tensor dh_blk = res.dh.narrow(0, r0, rows);
-        at::mm_out(dh_blk, L, a.weight);
+        if (low_w.defined()) {
+          at::Tensor e = ebuf.narrow(0, 0, rows);
+          e.copy_(L);
+          at::mm_out(dh_blk, e, low_w);
+        } else {
+          at::mm_out(dh_blk, L, a.weight);
+        }
       }
-      if (want_dw) res.dw.addmm_(L.t(), h_blk);
-      if (want_db) res.db.add_(at::sum(L, 0));
+      if (want_dw) {
+        if (low)
+          res.dw.add_(at::mm(L.t(), h_blk));
+        else
+          res.dw.addmm_(L.t(), h_blk);
+      }
+      if (want_db) res.db.add_(at::sum(L, 0, false, a.math));
     }
   });
+  if (want_dw) res.dw = res.dw.to(a.weight.scalar_type());
   return res;
 }
 
@@ -165,16 +189,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   const BernArgs a = bern_args(h, weight, bias, x, op);
   GradResult r = grad_cuda(a, bern_grad_out(grad_out, h, a, op), false, mask[0], mask[1], mask[2]);
   if (mask[0]) r.dh = r.dh.view(h.sizes());
+  if (mask[2]) r.db = r.db.to(bias.scalar_type());
   return {r.dh, r.dw, r.db};
 }
 
 std::tuple<at::Tensor, at::Tensor> grad_h_cuda(const at::Tensor& h, const at::Tensor& weight,
                                                const at::Tensor& bias, const at::Tensor& x,
-                                               bool value) {
+                                               bool value,
+                                               const c10::optional<at::Tensor>& low_weight) {
   constexpr const char* op = "bernoulli_log_prob_grad_h";
   const BernArgs a = bern_args(h, weight, bias, x, op);
-  GradResult r = grad_cuda(a, at::Tensor(), value, true, false, false);
-  at::Tensor v = value ? r.value.view(a.out_shape) : at::empty({0}, a.h.options());
+  const at::Tensor low_w = bern_low_weight(low_weight, a, op);
+  GradResult r = grad_cuda(a, at::Tensor(), value, true, false, false, at::Tensor(), low_w);
+  at::Tensor v = value ? r.value.view(a.out_shape) : at::empty({0}, a.h.options().dtype(a.math));
   return {v, r.dh.view(h.sizes())};
 }
 

@@ -50,6 +50,12 @@ def parser() -> argparse.ArgumentParser:
                    help="sigmoid (Wu et al.) or linear (Ding and Freedman) (default sigmoid)")
     g.add_argument("--ais-init", choices=["posterior", "prior"], default="posterior",
                    help="start the chains from q(z|x) or p(z) (default posterior)")
+    g.add_argument("--ais-precision", choices=["auto", "full", "bf16"], default="auto",
+                   help="precision of the gradients inside each HMC trajectory: bf16 (bfloat16 matrix "
+                        "products; the energies, the weights and the trajectories' end points stay in the "
+                        "model's dtype, so the estimator is the same), full, or auto (bf16 for the "
+                        "package's float32 models where the device multiplies bfloat16 faster) "
+                        "(default auto)")
     g.add_argument("--bdmc", type=int, default=0, metavar="N",
                    help="also run BDMC on N points simulated from the model with the AIS settings: "
                         "forward (lower) and reverse (upper) bounds of their log p(x)")
@@ -113,7 +119,8 @@ def main(argv=None) -> int:
         d.close()
         return 2
     ais_settings = (dict(num_chains=args.ais_chains, num_temps=args.ais_temps, num_leapfrog=args.ais_leapfrog,
-                         schedule=args.ais_schedule, init=args.ais_init) if args.ais else None)
+                         schedule=args.ais_schedule, init=args.ais_init, gradient_precision=args.ais_precision)
+                    if args.ais else None)
     if args.report:
         import os
 
@@ -184,6 +191,7 @@ def main(argv=None) -> int:
             "variational_gap_stderr": sem(gap),
             "ais": {"chains": args.ais_chains, "temps": args.ais_temps, "leapfrog": args.ais_leapfrog,
                     "schedule": args.ais_schedule, "init": args.ais_init,
+                    "gradient_precision": ais_rows[0]["gradient_precision"] if ais_rows else args.ais_precision,
                     "acceptance_rate": float(col(ais_rows, "acceptance_rate").mean()),
                     "step_size": float(col(ais_rows, "step_size").mean())},
         })
@@ -218,9 +226,10 @@ def _ais_rows(model, x, index, pos, args) -> list[dict]:
     from .. import evaluate
     a = evaluate.ais_log_likelihood(model, x[pos], args.ais_chains, args.ais_temps, args.ais_leapfrog,
                                     args.ais_schedule, args.ais_init, batch_size=pos.shape[0],
-                                    seed=args.seed, index=index[pos], return_details=True)
+                                    seed=args.seed, index=index[pos], return_details=True,
+                                    gradient_precision=args.ais_precision)
     return [{"log_likelihood": float(v), "stderr": float(s), "acceptance_rate": float(r),
-             "step_size": float(st), "log_weights": w.tolist()}
+             "step_size": float(st), "log_weights": w.tolist(), "gradient_precision": a.gradient_precision}
             for v, s, r, st, w in zip(a.log_likelihood, a.stderr, a.acceptance_rate, a.step_size, a.log_weights.t())]
 
 
@@ -231,7 +240,7 @@ def _bdmc_rows(model, pos, args) -> list[dict]:
     device = next(model.parameters()).device
     r = evaluate.bdmc(model, args.bdmc, args.ais_chains, args.ais_temps, args.ais_leapfrog, args.ais_schedule,
                       batch_size=pos.shape[0], generator=torch.Generator(device=device).manual_seed(args.seed + 1),
-                      seed=args.seed + 1, points=pos)
+                      seed=args.seed + 1, points=pos, gradient_precision=args.ais_precision)
     return [{"lower": float(lo), "upper": float(up), "lower_stderr": float(ls), "upper_stderr": float(us)}
             for lo, up, ls, us in zip(r.lower, r.upper, r.lower_stderr, r.upper_stderr)]
 

@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from .._checks import check_choice
 from ..keyed import standard_normal
-from ..ops import bernoulli_log_prob, bernoulli_log_prob_grad_h
+from ..ops import activation, activation_backward, bernoulli_log_prob, bernoulli_log_prob_grad_h
 from .bayes import BayesLinear
 
 LOG_2PI = math.log(2 * math.pi)
@@ -34,18 +34,6 @@ def normal_log_prob(z: Tensor, loc: Tensor, logvar: Tensor) -> Tensor:
 def standard_normal_log_prob(z: Tensor) -> Tensor:
     """Sum over the last dim of log N(z; 0, I); [..., Z] -> [...]."""
     return -0.5 * (LOG_2PI + z.square()).sum(-1)
-
-
-_ACT_FORWARD = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}
-
-
-def _act_backward(activation: str, grad: Tensor, h: Tensor) -> Tensor:
-    """d/d(pre-activation) from d/dh and the output h = act(pre)."""
-    if activation == "tanh":
-        return grad * (1 - h * h)
-    if activation == "sigmoid":
-        return grad * h * (1 - h)
-    return grad * (h > 0)  # relu: h > 0 exactly where pre > 0
 
 
 def _bias(layer: nn.Module) -> Tensor:
@@ -418,7 +406,8 @@ class VAE(nn.Module):
         return len(self.latent_dims) == 1 and self.random_weights != "all"
 
     @torch.no_grad()
-    def log_joint_and_grad(self, x: Tensor, z: Tensor, value: bool = True) -> tuple[Tensor | None, Tensor]:
+    def log_joint_and_grad(self, x: Tensor, z: Tensor, value: bool = True,
+                           gradient_dtype: torch.dtype | None = None) -> tuple[Tensor | None, Tensor]:
         """log p(x, z) and its gradient in z by a hand-written backward through the decoder MLP
         (no autograd graph): x [C, D], z [C, Z] -> ([C], [C, Z]). Equal to autograd's up to
         rounding; one stochastic layer, deterministic decoder (:attr:`has_fast_log_joint_grad`).
@@ -429,6 +418,15 @@ class VAE(nn.Module):
         d/dm = (x - mean) exp(-v) mean (1 - mean), d/dv = ((x - mean)^2 exp(-v) - 1) / 2.
         Each hidden layer h = act(a): d/da = d/dh * act'(a), read from h alone.
         The prior N(0, I) adds -z. ``value=False``: the gradient only (the value is None).
+
+        ``gradient_dtype`` (e.g. ``torch.bfloat16``): a cheaper gradient, another deterministic
+        function of z close to the exact one (about 1e-3 relative in bfloat16), returned in z's
+        dtype. With ``value=False`` the decoder's forward and backward run with its weights, z
+        and every matrix product in that dtype (float32 accumulation; the output layer's
+        epilogue in float32): what HMC needs inside a trajectory. With ``value=True`` the
+        forward and the value stay in the model's dtype and only the backward's products take
+        ``gradient_dtype`` (Bernoulli decoders; a Gaussian decoder's gradient is then the full
+        one): what a trajectory's end needs, the exact energy beside a cheaper gradient.
         """
         if not self.has_fast_log_joint_grad:
             raise ValueError("log_joint_and_grad: needs one stochastic layer and a deterministic decoder "
@@ -437,15 +435,34 @@ class VAE(nn.Module):
         if z.dim() != 2 or z.shape != (x.shape[0], self.latent_dim):
             raise ValueError(f"log_joint_and_grad: z must have shape [{x.shape[0]}, {self.latent_dim}] "
                              f"(one row per row of x), got {tuple(z.shape)}")
+        low = None
+        if gradient_dtype is not None and gradient_dtype != z.dtype:
+            low = self._decoder_weights(gradient_dtype)
+            if not value:
+                return None, self._low_precision_grad(x, z, low)
+        return self._log_joint_and_grad(x, z, value, low)
+
+    @torch.no_grad()
+    def _log_joint_and_grad(self, x: Tensor, z: Tensor, value: bool, low: dict | None = None):
+        """:meth:`log_joint_and_grad` on checked arguments; ``low`` (:meth:`_decoder_weights`):
+        the backward's products in its dtype where the output layer is fused."""
         dec = self.decoder
         body = dec.body if isinstance(dec, BernoulliDecoder) else dec.net.body
         layers = [(body[i], body[i + 1]) for i in range(0, len(body), 2)]
+        act = self.config["activation"]
         hs, h = [], z
         for lin, _ in layers:
             hs.append(h)
-            h = F.linear(h, lin.weight, lin.bias)
-            h = _ACT_FORWARD[self.config["activation"]](h)
-        if isinstance(dec, BernoulliDecoder) and dec.fuses(x, h):
+            h = activation(F.linear(h, lin.weight), lin.bias, act)  # the bias and activation in one pass
+        fused = isinstance(dec, BernoulliDecoder) and dec.fuses(x, h)
+        if fused and low is not None:
+            log_lik, dh = bernoulli_log_prob_grad_h(h, dec.logits.weight, dec.logits.bias, x, value,
+                                                    low_weight=low["out"][0][0])
+            for (w, _), h_in in zip(reversed(low["hidden"]), reversed(hs)):
+                dh = activation_backward(dh, h.to(low["dtype"]), act) @ w
+                h = h_in
+            return (standard_normal_log_prob(z) + log_lik if value else None), dh.to(z.dtype) - z
+        if fused:
             log_lik, dh = bernoulli_log_prob_grad_h(h, dec.logits.weight, dec.logits.bias, x, value)
         elif isinstance(dec, BernoulliDecoder):
             logits = F.linear(h, dec.logits.weight, dec.logits.bias)
@@ -460,12 +477,53 @@ class VAE(nn.Module):
             d_loc = prec_r * mean * (1 - mean)
             d_logvar = 0.5 * (r * prec_r - 1)
             dh = d_loc @ dec.net.loc.weight + d_logvar @ dec.net.logvar.weight
-        act = self.config["activation"]
         for (lin, _), h_in in zip(reversed(layers), reversed(hs)):
-            dh = _act_backward(act, dh, h)
-            dh = dh @ lin.weight
+            dh = activation_backward(dh, h, act) @ lin.weight
             h = h_in
         return (standard_normal_log_prob(z) + log_lik if value else None), dh - z
+
+    def _decoder_weights(self, dtype: torch.dtype) -> dict:
+        """The decoder's weights and biases cast to ``dtype`` once, for
+        :meth:`_low_precision_grad` (an AIS run casts them once, not at every leapfrog step)."""
+        dec = self.decoder
+        body = dec.body if isinstance(dec, BernoulliDecoder) else dec.net.body
+        cast = lambda t: t.detach().to(dtype)  # noqa: E731
+        hidden = [(cast(body[i].weight), cast(body[i].bias)) for i in range(0, len(body), 2)]
+        if isinstance(dec, BernoulliDecoder):
+            out = [(cast(dec.logits.weight), dec.logits.bias.detach().float())]  # fused op: float32 bias
+        else:
+            out = [(cast(dec.net.loc.weight), cast(dec.net.loc.bias)),
+                   (cast(dec.net.logvar.weight), cast(dec.net.logvar.bias))]
+        return {"dtype": dtype, "hidden": hidden, "out": out, "activation": self.config["activation"],
+                "bernoulli": isinstance(dec, BernoulliDecoder)}
+
+    @torch.no_grad()
+    def _low_precision_grad(self, x: Tensor, z: Tensor, weights: dict) -> Tensor:
+        """grad_z log p(x, z) with the decoder in ``weights['dtype']`` (see
+        :meth:`log_joint_and_grad`'s ``gradient_dtype``); x [C, D], z [C, Z] -> [C, Z] in z's dtype."""
+        dtype, act = weights["dtype"], weights["activation"]
+        hs, h = [], z.to(dtype)
+        for w, b in weights["hidden"]:
+            hs.append(h)
+            h = activation(F.linear(h, w), b, act)  # the bias and activation in one pass
+        if weights["bernoulli"] and self.decoder.fused:
+            (w, b), = weights["out"]
+            xx = x if x.dtype == torch.float32 or x.dtype == dtype else x.float()
+            dh = bernoulli_log_prob_grad_h(h, w, b, xx, False)[1]
+        elif weights["bernoulli"]:  # the reference path (fused = False): the logits in full
+            (w, b), = weights["out"]
+            dh = (x.float() - torch.sigmoid(F.linear(h, w).float() + b)).to(dtype) @ w
+        else:
+            (wl, bl), (wv, bv) = weights["out"]
+            mean = torch.sigmoid(F.linear(h, wl, bl).float())
+            logvar = F.linear(h, wv, bv).float()
+            r = x.float() - mean
+            prec_r = r * torch.exp(-logvar)
+            dh = (prec_r * mean * (1 - mean)).to(dtype) @ wl + (0.5 * (r * prec_r - 1)).to(dtype) @ wv
+        for (w, _), h_in in zip(reversed(weights["hidden"]), reversed(hs)):
+            dh = activation_backward(dh, h, act) @ w
+            h = h_in
+        return dh.to(z.dtype) - z
 
     @classmethod
     def from_deterministic(cls, model: "VAE", random_weights: str = "all", rho_init: float = -5.0) -> "VAE":

@@ -149,3 +149,18 @@ def keyed_random(index: Tensor, step: int, seed: int, stream: int, rows: int, ro
             out += [radius * torch.cos(two_pi * u[i + 1]), radius * torch.sin(two_pi * u[i + 1])]
         u = out
     return torch.stack(u, -1).reshape(rows, b, group * blocks)[..., :dim].to(dtype)
+
+
+def activation(a: Tensor, bias: Tensor | None = None, kind: str = "tanh") -> Tensor:
+    """act(a + bias), act in tanh, sigmoid, relu (torch's own functions)."""
+    v = a if bias is None else a + bias
+    return {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu}[kind](v)
+
+
+def activation_backward(grad: Tensor, out: Tensor, kind: str = "tanh") -> Tensor:
+    """grad * act'(a) from out = act(a): PyTorch's formulas."""
+    if kind == "tanh":
+        return grad * (1 - out * out)
+    if kind == "sigmoid":
+        return grad * out * (1 - out)
+    return grad * (out > 0)

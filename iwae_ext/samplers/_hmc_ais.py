@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._checks import check_choice
+from .._precision import GRADIENT_PRECISIONS, gradient_dtype
 from ..keyed import PILOT_ROW, STREAMS, KeyedNoise, check_generator
 from ..ops import hmc_accept, hmc_leapfrog
 
@@ -90,25 +92,60 @@ def _check_target_accept(target_accept, fn):
         raise ValueError(f"{fn}: target_accept must be in (0, 1), got {target_accept!r}")
 
 
-def _autograd_value_and_grad(fns: Sequence[LogDensity]):
-    """z -> (f(z) for f in fns) + (grad_z f(z) for f in fns), by autograd, values detached."""
+def _autograd_value_and_grad(fns: Sequence[LogDensity], gradient_dtype: torch.dtype | None = None):
+    """z -> (f(z) for f in fns) + (grad_z f(z) for f in fns), by autograd, values detached.
+
+    ``gradient_dtype`` (e.g. torch.bfloat16): the function also gets ``grads_only(z)`` -> the
+    gradients alone, by autograd of the densities computed under ``torch.autocast`` in that
+    dtype (matrix products in it, float32 accumulation): the trajectories' interior gradients.
+    The values and the gradients that come with them stay in z's dtype."""
 
     def value_and_grad(z: Tensor):
         with torch.enable_grad():
             zz = z.detach().requires_grad_(True)
             values = [f(zz) for f in fns]
-            for f, v in zip(fns, values):
-                if not isinstance(v, Tensor) or v.shape != (z.shape[0],):
-                    raise ValueError(f"a log-density must map z [{z.shape[0]}, {z.shape[1]}] to "
-                                     f"[{z.shape[0]}], got {getattr(v, 'shape', type(v).__name__)}")
-            grads = []
-            for i, v in enumerate(values):
-                g = (torch.autograd.grad(v.sum(), zz, retain_graph=i + 1 < len(values), allow_unused=True)[0]
-                     if v.requires_grad else None)
-                grads.append(torch.zeros_like(z) if g is None else g)  # a density constant in z
+            _check_values(values, z)
+            grads = _grads(values, zz)
         return tuple(v.detach() for v in values) + tuple(grads)
 
+    if gradient_dtype is not None:
+        def grads_only(z: Tensor):
+            with torch.enable_grad(), torch.autocast(z.device.type, dtype=gradient_dtype):
+                zz = z.detach().requires_grad_(True)
+                values = [f(zz) for f in fns]
+                _check_values(values, z)
+                grads = _grads(values, zz)
+            return tuple(g.to(z.dtype) for g in grads)
+
+        value_and_grad.grads_only = grads_only
     return value_and_grad
+
+
+def _check_values(values, z):
+    for v in values:
+        if not isinstance(v, Tensor) or v.shape != (z.shape[0],):
+            raise ValueError(f"a log-density must map z [{z.shape[0]}, {z.shape[1]}] to "
+                             f"[{z.shape[0]}], got {getattr(v, 'shape', type(v).__name__)}")
+
+
+def _grads(values, zz):
+    grads = []
+    for i, v in enumerate(values):
+        g = (torch.autograd.grad(v.sum(), zz, retain_graph=i + 1 < len(values), allow_unused=True)[0]
+             if v.requires_grad else None)
+        grads.append(torch.zeros_like(zz) if g is None else g)  # a density constant in z
+    return grads
+
+
+def _interior_dtype(precision, grad_fn, z0, fn):
+    """The autograd path's interior gradient dtype; a caller's grad_fn sets its own precision."""
+    check_choice("gradient_precision", precision, GRADIENT_PRECISIONS, fn)
+    if grad_fn is not None:
+        if precision == "bf16":
+            raise ValueError(f"{fn}: gradient_precision applies to autograd's gradients; a grad_fn "
+                             f"computes its own (e.g. model_ais_densities(..., gradient_precision='bf16'))")
+        return None
+    return gradient_dtype(precision, z0.dtype, z0.device, False, fn, autocast=True)
 
 
 class _Trajectory:
@@ -248,7 +285,7 @@ def ais(log_init: LogDensity | None, log_target: LogDensity | None, z0: Tensor, 
         adaptation: StepSizeAdaptation | None = None,
         temperature_step_sizes: Tensor | None = None, cuda_graph: bool | None = None,
         reverse: bool = False, pilot_chains: int = 0, num_groups: int | None = None,
-        record_step_sizes: bool = False) -> AISResult:
+        record_step_sizes: bool = False, gradient_precision: str = "auto") -> AISResult:
     """Annealed importance sampling from log_init to log_target with HMC transitions.
 
     Args:
@@ -301,6 +338,13 @@ def ais(log_init: LogDensity | None, log_target: LogDensity | None, z0: Tensor, 
         record_step_sizes: return ``step_schedule`` [T-1, G], the step size group g's reported
             chains used at each transition (for :func:`mirrored_schedule`; needs equal step
             sizes within a group: a pilot, a fixed schedule or a scalar step_size).
+        gradient_precision: "full" (autograd in z0's dtype), "bf16" (the gradients at a
+            trajectory's L - 1 interior positions by autograd under ``torch.autocast`` in
+            bfloat16; the energies, the weights and the gradients at the trajectory's ends stay
+            in z0's dtype: the same exact estimator, see docs/sampling.rst) or "auto" ("full"
+            here: it is measured faster only for the package's own models, whose
+            :func:`model_ais_densities` takes the option). For autograd's gradients only; a
+            ``grad_fn`` computes its own.
 
     At each temperature t = 1..T-1 the weights get ``(beta_t - beta_{t-1}) (log_target - log_init)``
     at the current states, then one HMC transition leaves the intermediate density
@@ -311,10 +355,11 @@ def ais(log_init: LogDensity | None, log_target: LogDensity | None, z0: Tensor, 
     _check_positive_int("num_leapfrog", num_leapfrog, fn)
     _check_target_accept(target_accept, fn)
     user_grad_fn = grad_fn is not None
+    interior = _interior_dtype(gradient_precision, grad_fn, z0, fn)
     if grad_fn is None:
         if log_init is None or log_target is None:
             raise ValueError("ais: log_init and log_target are needed unless grad_fn is given")
-        grad_fn = _autograd_value_and_grad([log_init, log_target])
+        grad_fn = _autograd_value_and_grad([log_init, log_target], interior)
     betas = torch.as_tensor(betas, dtype=torch.float64)
     if betas.dim() != 1 or betas.numel() < 2:
         raise ValueError(f"ais: betas must be a 1-D schedule of at least two values, got shape {tuple(betas.shape)}")
@@ -488,14 +533,17 @@ class HMCResult:
 def hmc(log_target: LogDensity | None, z0: Tensor, num_samples: int, num_leapfrog: int = 10,
         step_size=0.1, num_warmup: int = 100, target_accept: float = 0.65, adapt_step_size: bool = True,
         thin: int = 1, grad_fn=None, generator: torch.Generator | None = None,
-        adaptation: StepSizeAdaptation | None = None) -> HMCResult:
+        adaptation: StepSizeAdaptation | None = None, gradient_precision: str = "auto") -> HMCResult:
     """Hamiltonian Monte Carlo sampling of exp(log_target) with C independent chains.
 
     log_target: z [C, D] -> [C] (unnormalised); or ``grad_fn``: z -> (log_target(z), its gradient).
     The step sizes adapt toward ``target_accept`` during the ``num_warmup`` transitions only, then
     stay fixed, so the sampling phase is an exact (reversible, volume-preserving) HMC chain.
     ``generator``: a torch.Generator, or an :class:`iwae_ext.keyed.KeyedNoise` (transition i keyed
-    by i, warm-up included), as in :func:`ais`.
+    by i, warm-up included), as in :func:`ais`. ``gradient_precision``: as in :func:`ais`
+    ("bf16": the interior gradients of each trajectory under bfloat16 autocast, still an exact
+    HMC kernel for exp(log_target)). A ``grad_fn`` with a method ``grads_only(z) -> gradient``
+    has it used inside trajectories.
     """
     fn = "hmc"
     _check_z0(z0, fn)
@@ -505,16 +553,23 @@ def hmc(log_target: LogDensity | None, z0: Tensor, num_samples: int, num_leapfro
     if not isinstance(num_warmup, int) or num_warmup < 0:
         raise ValueError(f"hmc: num_warmup must be an int >= 0, got {num_warmup!r}")
     _check_target_accept(target_accept, fn)
+    interior = _interior_dtype(gradient_precision, grad_fn, z0, fn)
     if grad_fn is None:
         if log_target is None:
             raise ValueError("hmc: log_target is needed unless grad_fn is given")
-        base = _autograd_value_and_grad([log_target])
+        base = _autograd_value_and_grad([log_target], interior)
+        base_grads_only = getattr(base, "grads_only", None)
+        inner = None if base_grads_only is None else (lambda z: base_grads_only(z)[0])
     else:
         base = grad_fn
+        inner = getattr(grad_fn, "grads_only", None)
 
     def value_and_grad(z):
         lt, gt = base(z)
         return None, lt, None, gt
+
+    if inner is not None:
+        value_and_grad.grads_only = lambda z: (None, inner(z))
 
     step = _per_chain(step_size, "step_size", z0, fn)
     settings = adaptation or StepSizeAdaptation()

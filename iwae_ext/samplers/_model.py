@@ -12,6 +12,7 @@ from torch import Tensor
 from .. import protocol as _protocol
 from ..keyed import PILOT_ROW, STREAMS, KeyedNoise, check_generator, keyed_draws, standard_normal
 from .._checks import check_choice
+from .._precision import GRADIENT_PRECISIONS, gradient_dtype
 from ..models.vae import VAE, DiagonalNormal, normal_log_prob, standard_normal_log_prob
 
 INITS = ("posterior", "prior")
@@ -22,17 +23,19 @@ class ModelAIS:
     """Everything :func:`iwae_ext.samplers.ais` needs for one batch: ``z0`` [S*B, Z] drawn from the
     initial density, ``grad_fn`` (z -> log_init, log_target, their gradients) and the data rows
     ``x`` [S*B, D] the chains target. ``fast`` says whether the target's gradient is the
-    hand-written one (:meth:`iwae_ext.models.VAE.log_joint_and_grad`) or autograd's."""
+    hand-written one (:meth:`iwae_ext.models.VAE.log_joint_and_grad`) or autograd's;
+    ``gradient_dtype`` the dtype of the trajectories' interior gradients (None: the model's)."""
 
     z0: Tensor
     grad_fn: object
     x: Tensor
     fast: bool
+    gradient_dtype: torch.dtype | None = None  # the interior gradients' dtype; None: the model's
 
 
 def model_ais_densities(model, x: Tensor, num_chains: int, init: str = "posterior",
                         fast_grad: bool = True, generator: torch.Generator | None = None,
-                        pilot_chains: int = 0) -> ModelAIS:
+                        pilot_chains: int = 0, gradient_precision: str = "auto") -> ModelAIS:
     """AIS densities for ``model`` and data x [B, D]: ``num_chains`` chains per data point, then
     ``pilot_chains`` more (rows (num_chains + p) * B + b, for :func:`iwae_ext.samplers.ais`'s
     ``pilot_chains``). With a :class:`iwae_ext.keyed.KeyedNoise` the pilot's starting states come
@@ -46,6 +49,14 @@ def model_ais_densities(model, x: Tensor, num_chains: int, init: str = "posterio
     ``fast_grad`` and a model that allows it, the target's gradient is the hand-written decoder
     backward and q's is analytic; otherwise autograd. Random-weight models are refused: their
     log p(x) also integrates over the weights, which AIS over z alone does not do.
+
+    ``gradient_precision``: the precision of the target's gradient at the interior positions of
+    each HMC trajectory (``grad_fn.grads_only``), the densities' values and the gradients that
+    come with them staying in the model's dtype (docs/sampling.rst, "Gradient precision"):
+    "bf16" (the hand-written decoder backward with bfloat16 weights and products, or autograd
+    under bfloat16 autocast), "full" (the model's dtype) or "auto" (bf16 for the package's
+    float32 models on the hand-written path where the device multiplies bfloat16 faster
+    than float32: a CPU with AVX512-BF16 or AMX, a CUDA GPU of compute capability 8.0 or more; "full" otherwise). ``ModelAIS.gradient_dtype`` says which.
     """
     check_choice("init", init, INITS, "model_ais_densities")
     if getattr(model, "random_weights", "none") != "none":
@@ -55,8 +66,9 @@ def model_ais_densities(model, x: Tensor, num_chains: int, init: str = "posterio
         raise ValueError(f"num_chains must be a positive int, got {num_chains!r}")
     if not isinstance(pilot_chains, int) or isinstance(pilot_chains, bool) or pilot_chains < 0:
         raise ValueError(f"pilot_chains must be an int >= 0, got {pilot_chains!r}")
+    check_choice("gradient_precision", gradient_precision, GRADIENT_PRECISIONS, "model_ais_densities")
     if not isinstance(model, VAE):
-        return _protocol_densities(model, x, num_chains, init, generator, pilot_chains)
+        return _protocol_densities(model, x, num_chains, init, generator, pilot_chains, gradient_precision)
     if init == "prior" and len(model.latent_dims) != 1:
         raise ValueError("init='prior' needs one stochastic layer (the prior of two layers is not a "
                          "standard normal over z = (z1, z2)); use init='posterior'")
@@ -85,8 +97,10 @@ def model_ais_densities(model, x: Tensor, num_chains: int, init: str = "posterio
     fast = bool(fast_grad and getattr(model, "has_fast_log_joint_grad", False) and
                 (init == "prior" or loc is not None))
 
+    interior = gradient_dtype(gradient_precision, p.dtype, p.device, fast, "model_ais_densities",
+                              autocast=not fast)
     if fast:
-        grad_fn = _FastDensities(model, xr, loc, logvar)
+        grad_fn = _FastDensities(model, xr, loc, logvar, interior)
     else:
         def log_init(z: Tensor) -> Tensor:
             if init == "prior":
@@ -100,8 +114,8 @@ def model_ais_densities(model, x: Tensor, num_chains: int, init: str = "posterio
             return model.log_joint(xr, z)
 
         from ._hmc_ais import _autograd_value_and_grad
-        grad_fn = _autograd_value_and_grad([log_init, log_target])
-    return ModelAIS(z0, grad_fn, xr, fast)
+        grad_fn = _autograd_value_and_grad([log_init, log_target], interior)
+    return ModelAIS(z0, grad_fn, xr, fast, interior)
 
 
 def _draw_rows(draw, num_chains: int, pilot_chains: int, generator) -> Tensor:
@@ -117,7 +131,8 @@ def _draw_rows(draw, num_chains: int, pilot_chains: int, generator) -> Tensor:
     return z0
 
 
-def _protocol_densities(model, x: Tensor, num_chains: int, init: str, generator, pilot_chains: int = 0) -> ModelAIS:
+def _protocol_densities(model, x: Tensor, num_chains: int, init: str, generator, pilot_chains: int = 0,
+                        gradient_precision: str = "auto") -> ModelAIS:
     """AIS densities of any model with posterior(x) and log_joint(x, z), gradients by autograd."""
     from ._hmc_ais import _autograd_value_and_grad
     _protocol.check_model(model, "model_ais_densities")
@@ -136,7 +151,9 @@ def _protocol_densities(model, x: Tensor, num_chains: int, init: str, generator,
     def log_target(z: Tensor) -> Tensor:
         return model.log_joint(x, z.view(s, b, -1)).reshape(-1)
 
-    return ModelAIS(z0, _autograd_value_and_grad([log_init, log_target]), x.repeat(s, 1), False)
+    interior = gradient_dtype(gradient_precision, dtype, device, False, "model_ais_densities", autocast=True)
+    return ModelAIS(z0, _autograd_value_and_grad([log_init, log_target], interior), x.repeat(s, 1), False,
+                    interior)
 
 
 def _check_generator(generator, batch: int):
@@ -172,21 +189,31 @@ def _sample(dist, shape, generator, device) -> Tensor:
 
 class _FastDensities:
     """z -> (log_init, log_target, their gradients) with the hand-written decoder backward and
-    q's analytic gradient; ``grads_only`` skips the density values (inside trajectories)."""
+    q's analytic gradient; ``grads_only`` skips the density values (inside trajectories), with
+    the decoder in ``gradient_dtype`` (its weights cast once here) when one is given."""
 
-    def __init__(self, model, x, loc, logvar):
+    def __init__(self, model, x, loc, logvar, gradient_dtype=None):
         self.model, self.x, self.loc, self.logvar = model, x, loc, logvar
         self.inv_var = None if loc is None else torch.exp(-logvar)
+        self.weights = None
+        if gradient_dtype is not None and gradient_dtype != x.dtype:
+            self.weights = model._decoder_weights(gradient_dtype)
+            if x.dtype != torch.float32:  # the fused op takes float32 or bfloat16 data
+                self.x_low = x.to(gradient_dtype)
+            else:
+                self.x_low = x
 
     def _grad_init(self, z):
         return -z if self.loc is None else -(z - self.loc) * self.inv_var
 
     def __call__(self, z: Tensor):
-        lt, gt = self.model.log_joint_and_grad(self.x, z)
+        lt, gt = self.model._log_joint_and_grad(self.x, z, True, self.weights)
         li = standard_normal_log_prob(z) if self.loc is None else normal_log_prob(z, self.loc, self.logvar)
         return li, lt, self._grad_init(z), gt
 
     def grads_only(self, z: Tensor):
+        if self.weights is not None:
+            return self._grad_init(z), self.model._low_precision_grad(self.x_low, z, self.weights)
         return self._grad_init(z), self.model.log_joint_and_grad(self.x, z, value=False)[1]
 
 
