@@ -13,7 +13,11 @@ In this process, on the same data, interleaved round by round (the order rotatin
              the trainer treats them as zero while training);
   plain      an IWAE step as plain PyTorch code writes it (torch.distributions.Normal,
              binary_cross_entropy_with_logits, torch.logsumexp, foreach Adam): what the trainer
-             was before, without its keyed draws and checks.
+             was before, without its keyed draws and checks;
+  bf16, compiled_bf16  the eager and compiled steps with precision="bf16" (the layers' matrix
+             products under bfloat16 autocast; float32 weights, Adam, log-weights and bounds);
+             --tf32 on CUDA: precision="tf32" instead. "best_bf16_speedup" is the faster float32
+             step over the faster bf16 one, per round.
 The trainer's steps run through its own loop (``_Run._steps``), so the timing includes
 everything an epoch does per step. Reported: the median step time of each, the per-round ratios
 against ``eager``, and the compilation time (the first compiled block minus the steady state).
@@ -58,7 +62,7 @@ def plain_iwae_loss(model, x, k):
     return -(torch.logsumexp(log_w, 0) - math.log(k)).mean()
 
 
-def trainer_block(args, dataset, device, compile, fused=True, group=None, flush_denormal=True):
+def trainer_block(args, dataset, device, compile, fused=True, group=None, flush_denormal=True, precision="float32"):
     """A function running ``n`` steps of the trainer's loop (a fresh run with these settings)."""
     arch = {}
     if getattr(args, "hidden", None):
@@ -67,7 +71,7 @@ def trainer_block(args, dataset, device, compile, fused=True, group=None, flush_
         arch["latent_dim"] = [args.latent_dim]
     cfg = TrainConfig(model=getattr(args, "model", "iwae"), k=args.k, batch_size=args.batch_size,
                       estimator=args.estimator, fused=fused, progress=False, epochs=1,
-                      flush_denormal=flush_denormal, **arch).resolved(dataset)
+                      flush_denormal=flush_denormal, precision=precision, **arch).resolved(dataset)
     cfg.compile = compile
     cfg.sync_every = args.steps
     run = _Run(cfg, dataset, device, group or Dist(device), None)
@@ -153,6 +157,9 @@ def main():
     p.add_argument("--steps", type=int, default=50, help="steps per timed block")
     p.add_argument("--rounds", type=int, default=7, help="timed blocks per variant")
     p.add_argument("--ranks", type=int, default=0, help="also time N data-parallel ranks (torchrun)")
+    p.add_argument("--only", nargs="+", choices=["twin", "subnormal", "plain", "bf16", "compiled_bf16"],
+                   help="of the variants beyond eager and compiled, time these only")
+    p.add_argument("--tf32", action="store_true", help="CUDA: the low-precision rows in tf32 instead of bf16")
     p.add_argument("--out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -167,11 +174,20 @@ def main():
     blocks["compiled"] = trainer_block(args, dataset, device, True)
     blocks["compiled"](args.steps)  # compiles
     first_block = time.perf_counter() - t0
-    blocks["twin"] = trainer_block(args, dataset, device, False, fused=False)
-    if device.type == "cpu":
+    want = lambda name: not args.only or name in args.only  # noqa: E731
+    if want("twin"):
+        blocks["twin"] = trainer_block(args, dataset, device, False, fused=False)
+    if device.type == "cpu" and want("subnormal"):
         blocks["subnormal"] = trainer_block(args, dataset, device, False, flush_denormal=False)
-    if args.estimator == "standard" and args.model == "iwae" and not args.hidden and not args.latent_dim:
+    if (args.estimator == "standard" and args.model == "iwae" and not args.hidden and not args.latent_dim
+            and want("plain")):
         blocks["plain"] = plain_block(args, dataset, device)
+    low = "tf32" if device.type == "cuda" and args.tf32 else "bf16"
+    if want("bf16"):
+        blocks["bf16"] = trainer_block(args, dataset, device, False, precision=low)
+    if want("compiled_bf16"):
+        blocks["compiled_bf16"] = trainer_block(args, dataset, device, True, precision=low)
+        blocks["compiled_bf16"](args.steps)  # compiles
     names = list(blocks)
     for name in names:
         blocks[name](args.steps)  # warm-up
@@ -194,6 +210,19 @@ def main():
         ratios = [a / b for a, b in zip(times[name], times["eager"])]
         result[f"eager_speedup_vs_{name}"] = statistics.median(ratios)  # > 1: eager faster
         result[f"eager_speedup_vs_{name}_per_round"] = ratios
+    # the lower precision (bf16; tf32 with --tf32 on CUDA): against float32 eager and compiled,
+    # and the faster of each precision's two steps against the faster of the other's
+    result["low_precision"] = low
+    if "bf16" in times:
+        result["bf16_speedup"] = statistics.median([a / b for a, b in zip(times["eager"], times["bf16"])])
+    if "compiled_bf16" in times:
+        result["compiled_bf16_speedup"] = statistics.median(
+            [a / b for a, b in zip(times["compiled"], times["compiled_bf16"])])
+    if "bf16" in times and "compiled_bf16" in times:
+        best = [min(a, b) / min(c, d) for a, b, c, d in zip(times["eager"], times["compiled"], times["bf16"],
+                                                              times["compiled_bf16"])]
+        result["best_bf16_speedup"] = statistics.median(best)
+        result["best_bf16_speedup_per_round"] = best
     ratios = [a / b for a, b in zip(times["eager"], times["compiled"])]
     result["compiled_speedup"] = statistics.median(ratios)
     result["compiled_speedup_per_round"] = ratios

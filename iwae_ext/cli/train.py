@@ -84,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
       help="the training step under torch.compile (a CUDA graph on one GPU); default: compiled for "
            "runs of >= 10,000 steps on a CPU, >= 5,000 on a GPU, where compiling pays")
     a("--dtype", choices=["float32", "float64"], default=S, help=f"(default {d.dtype})")
+    a("--precision", choices=["float32", "bf16", "tf32"], default=S,
+      help="the training step's matrix products: float32, bf16 (bfloat16 autocast; float32 weights, "
+           "Adam, log-weights and bounds; evaluation in float32) or tf32 (CUDA) (default float32)")
     a("--flush-denormal", dest="flush_denormal", action=argparse.BooleanOptionalAction, default=S,
       help="on a CPU, subnormal floats are zero while training (default; up to 4x faster steps)")
     a("--sync-every", type=positive_int, dest="sync_every", default=S,

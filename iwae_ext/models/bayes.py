@@ -54,6 +54,8 @@ class BayesLinear(nn.Module):
 
     def forward(self, x: Tensor, eps: Tensor | None = None) -> Tensor:
         """x [..., in] -> [..., out]; ``eps`` [..., out] standard normal (drawn when None)."""
+        if x.dtype != self.weight_mu.dtype and x.dtype in (torch.bfloat16, torch.float16):
+            x = x.to(self.weight_mu.dtype)  # under autocast: the layer itself stays in the weights' dtype
         if eps is None:
             eps = standard_normal((*x.shape[:-1], self.out_features), x.dtype, x.device)
         return bayes_linear(x, self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho, eps)

@@ -36,6 +36,14 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
     return -0.5 * (LOG_2PI + z.square()).sum(-1)
 
 
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _full(t: Tensor) -> Tensor:
+    """t in float32 if a lower-precision autocast made it bfloat16 or float16, else t."""
+    return t.float() if t.dtype in _LOW else t
+
+
 def _bias(layer: nn.Module) -> Tensor:
     """The (mean) bias of an nn.Linear or a BayesLinear."""
     return layer.bias_mu if isinstance(layer, BayesLinear) else layer.bias
@@ -66,7 +74,9 @@ class ConditionalGaussian(nn.Module):
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         h = self.body(h)
-        return self.loc(h), self.logvar(h)
+        # under bfloat16 autocast the products are bfloat16; the distribution's parameters (and
+        # every density and draw made from them) are float32 again
+        return _full(self.loc(h)), _full(self.logvar(h))
 
 
 class DiagonalNormal(Distribution):
@@ -177,23 +187,27 @@ class BernoulliDecoder(nn.Module):
         """Whether :meth:`log_likelihood` takes the fused op for data x and hidden units h."""
         out = self.logits
         return (self.fused and type(out) is nn.Linear and out.bias is not None and x.dim() == 2
-                and h.dim() >= 2 and x.shape[0] == h.shape[-2] and x.dtype == h.dtype
-                and h.dtype in (torch.float32, torch.float64))
+                and h.dim() >= 2 and x.shape[0] == h.shape[-2]
+                and (x.dtype == h.dtype or (h.dtype == torch.bfloat16 and x.dtype == torch.float32))
+                and h.dtype in (torch.float32, torch.float64, torch.bfloat16))
 
     def log_likelihood(self, x: Tensor, z: Tensor, detach_params: bool = False) -> Tensor:
         """log p(x|z) for x [B, D], z [..., B, Z]: [..., B]. ``detach_params``: the decoder's
         parameters cut from the graph (z keeps its path)."""
         h = _body(self.body, z, detach_params)
-        x = x.to(h.dtype)
+        low = h.dtype in _LOW  # bfloat16 autocast: the product in bfloat16, the likelihood in float32
+        x = x.float() if low else x.to(h.dtype)
         if self.fuses(x, h):
             w, b = self.logits.weight, self.logits.bias
             if detach_params:
                 w, b = w.detach(), b.detach()
+            if low:  # the fused op's bfloat16 path: float32 accumulation, a float32 value
+                w, b = w.to(h.dtype), b.float()
             return bernoulli_log_prob(h, w, b, x)
         if detach_params:
             params = {n: p.detach() for n, p in self.logits.named_parameters()}
-            return self.log_prob(x, functional_call(self.logits, params, (h,)))
-        return self.log_prob(x, self.logits(h))
+            return self.log_prob(x, _full(functional_call(self.logits, params, (h,))))
+        return self.log_prob(x, _full(self.logits(h)))
 
     @staticmethod
     def mean(logits: Tensor) -> Tensor:
@@ -218,7 +232,7 @@ class GaussianDecoder(nn.Module):
                 bias.copy_(torch.logit(x_mean.to(bias).clamp(1e-3, 1 - 1e-3)))
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        loc, logvar = self.net(z)
+        loc, logvar = self.net(z)  # float32 (ConditionalGaussian) under autocast too
         return torch.sigmoid(loc), logvar
 
     @staticmethod

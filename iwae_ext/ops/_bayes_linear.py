@@ -11,7 +11,14 @@ def bayes_linear(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Tens
     x [..., in], weights [out, in], biases [out], eps [..., out] -> [..., out]. Each row is the
     output of a linear layer whose weights are drawn independently for that row from
     N(W_mu, softplus(W_rho)^2), N(b_mu, softplus(b_rho)^2) (exact in distribution).
+
+    Under ``torch.autocast`` the layer runs in its inputs' dtype (float32 or float64): autocast
+    is switched off around it, so the matrix products inside its kernels are not lowered.
     """
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        with torch.autocast(dev, enabled=False):
+            return torch.ops.iwae_ext.bayes_linear.default(x, weight_mu, weight_rho, bias_mu, bias_rho, eps)[0]
     return torch.ops.iwae_ext.bayes_linear.default(x, weight_mu, weight_rho, bias_mu, bias_rho, eps)[0]
 
 

@@ -10,7 +10,7 @@ from .._checks import check_choice
 from ..data import Dataset
 from ..objectives import ESTIMATORS, KL_ESTIMATORS
 
-__all__ = ["TrainConfig", "burda_schedule", "RESUMABLE", "BURDA_STAGES", "DTYPES"]
+__all__ = ["TrainConfig", "burda_schedule", "RESUMABLE", "BURDA_STAGES", "DTYPES", "PRECISIONS"]
 
 # TrainConfig fields that a resumed run may change (the rest define the run). ``compile`` and
 # ``device`` (and ``flush_denormal``) change only the rounding: a resume is bit for bit when they
@@ -19,6 +19,7 @@ RESUMABLE = ("epochs", "device", "progress", "eval_k", "eval_batch_size", "train
              "data_dir", "download", "compile", "sync_every", "flush_denormal")
 BURDA_STAGES = 8  # stage i = 0..7: 3^i passes at lr 1e-3 * 10^(-i/7)
 DTYPES = ("float32", "float64")
+PRECISIONS = ("float32", "bf16", "tf32")  # the training step's matrix products (docs/training.rst)
 
 
 @dataclass
@@ -63,6 +64,9 @@ class TrainConfig:
     fused: bool = True  # False: pure PyTorch for logmeanexp and the decoder output layer (comparisons)
     compile: bool | None = None  # the training step under torch.compile; None: where it is faster
     dtype: str = "float32"  # "float32" or "float64" (parameters, data and arithmetic)
+    # the training step's matrix products: "float32" (the dtype's), "bf16" (bfloat16 autocast:
+    # float32 master weights, Adam, log-weights, bounds and reductions) or "tf32" (CUDA)
+    precision: str = "float32"
     sync_every: int = 100  # steps between the loop's read-backs to the host (non-finite check, stops)
     flush_denormal: bool = True  # CPU: subnormal floats as zero while training (as TensorFlow does)
 
@@ -77,6 +81,12 @@ class TrainConfig:
         if c.eval_k is None:
             c.eval_k = kind.eval_k
         check_choice("dtype", c.dtype, DTYPES)
+        check_choice("precision", c.precision, PRECISIONS)
+        if c.precision != "float32" and c.dtype != "float32":
+            raise ValueError(f"precision {c.precision!r} lowers float32 matrix products; dtype is {c.dtype!r}")
+        if c.precision == "bf16" and c.model == "aiwae":
+            raise ValueError("precision 'bf16': the aiwae model's HMC sampler runs in the model's dtype; "
+                             "train it with precision 'float32'")
         if c.compile not in (None, True, False):
             raise ValueError(f"compile must be True, False or None (where faster), got {c.compile!r}")
         for name in ("k", "batch_size", "eval_k", "eval_batch_size", "sync_every"):

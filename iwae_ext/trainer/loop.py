@@ -72,9 +72,10 @@ class _Step(nn.Module):
     graphs), binarised by keyed uniforms when the data set is dynamically binarised, and the
     model kind's loss inside the step's keyed draws."""
 
-    def __init__(self, model: nn.Module, kind, data: Tensor, binarize: bool, seed: int):
+    def __init__(self, model: nn.Module, kind, data: Tensor, binarize: bool, seed: int, low: bool = False):
         super().__init__()
         self.model, self.kind, self.binarize, self.seed = model, kind, binarize, seed
+        self.low = low  # bfloat16 autocast around the loss (precision "bf16")
         self.register_buffer("data", data, persistent=False)
 
     def forward(self, index: Tensor, step: Tensor, scale: float, noise: StepNoise):
@@ -84,7 +85,10 @@ class _Step(nn.Module):
         if self.binarize:
             u = keyed_uniform(index, 1, x.shape[-1], self.seed, STREAMS["binarize"], step, dtype=x.dtype)[0]
             x = (u < x).to(x.dtype)
-        with keyed_draws(KeyedNoise(self.seed, index), step=step):
+        with keyed_draws(KeyedNoise(self.seed, index), step=step), \
+                torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.low):
+            # under bf16 the layers' products run in bfloat16; the model returns its densities,
+            # log-weights and bound in float32 (docs/training.rst, "Precision")
             loss, bound, aux = self.kind.loss(self.model, x, scale, noise)
         # the step's bound sum and a non-finite loss, formed here (fused when compiled)
         return loss, bound.double().sum(), torch.isfinite(loss).logical_not().to(torch.float32), aux
@@ -297,6 +301,21 @@ def subnormals_as_zero(on: bool = True):
             _C.flush_denormal(was)
 
 
+@contextlib.contextmanager
+def _tf32(on: bool):
+    """TF32 matrix products (CUDA tensor cores) for the training loop only: the final evaluation
+    and everything after the loop run with the process's own setting again."""
+    if not on:
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def _quiet_first_call(fn):
     """``fn`` whose first call (when Dynamo traces the optimizer) does not log Dynamo's notice
     that the optimizer's profiler annotation is ignored."""
@@ -349,7 +368,10 @@ class _Run:
             self.history = list(ckpt.get("history", []))
             self.kind.load_state_dict(st["kind"])
         self.seed = key(config.seed, "train")
-        module = _Step(self.model, self.kind, self.x_train, dataset.binarization == "dynamic", self.seed)
+        if config.precision == "tf32" and device.type != "cuda":
+            raise ValueError(f"precision 'tf32' is a CUDA precision (tensor cores); the device is {device}")
+        module = _Step(self.model, self.kind, self.x_train, dataset.binarization == "dynamic", self.seed,
+                       low=config.precision == "bf16")
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
             # every rank holds the same training split: not broadcast at the start
@@ -391,7 +413,7 @@ class _Run:
         self.model.train()
         try:
             flush = subnormals_as_zero(self.device.type == "cpu" and c.flush_denormal)
-            with _StopFlag(announce=self.rank == 0) as flag, flush:
+            with _StopFlag(announce=self.rank == 0) as flag, flush, _tf32(c.precision == "tf32"):
                 def stop_requested():
                     return flag.requested or (should_stop is not None and should_stop())
 
