@@ -157,7 +157,7 @@ def test_empty_batch_and_bad_input(device):
         bayes_linear(x, wmu, wrho.float(), bmu, brho, eps)
     with pytest.raises(RuntimeError, match="bias_mu must have shape"):
         bayes_linear(x, wmu, wrho, bmu[:2], brho, eps)
-    with pytest.raises(RuntimeError, match="float32 or float64"):
+    with pytest.raises(RuntimeError, match="float32, float64 or bfloat16"):
         bayes_linear(x.half(), wmu.half(), wrho.half(), bmu.half(), brho.half(), eps.half())
     with pytest.raises(RuntimeError, match="at least one dimension"):
         bayes_linear(x[0, 0], wmu, wrho, bmu, brho, eps)

@@ -2,7 +2,8 @@
 // (csrc/bayes_linear.cpp); here the two elementwise passes over the [M, out] results, each
 // one fused loop over rows split with at::parallel_for, the loop over a row's columns
 // vectorised (restrict pointers, std::sqrt of the element type, the division's denominator
-// kept positive; setup.py's -fno-math-errno) and compiled per ISA (simd.h).
+// kept positive; setup.py's -fno-math-errno) and compiled per ISA (simd.h). bfloat16 results
+// are read and written as such, the arithmetic in float.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -10,6 +11,7 @@
 #include <algorithm>
 
 #include "../bayes_linear.h"
+#include "fast_math.h"
 #include "simd.h"
 
 namespace iwae_ext {
@@ -20,58 +22,72 @@ constexpr int64_t kGrain = 1 << 14;  // elements per task at least
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)); }
 
 void check_cpu(const at::Tensor& t, const char* op) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
-              ": the CPU kernel takes float32 or float64, got ", t.scalar_type());
+  const at::ScalarType st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, op,
+              ": the CPU kernel takes float32, float64 or bfloat16, got ", st);
 }
 
-template <typename T>
-IWAE_INLINE void combine_rows(T* __restrict__ out, T* __restrict__ std, const T* __restrict__ eps,
-                              const T* __restrict__ bias_mu, const T* __restrict__ sigma2_b,
+// S: the storage type (float, double, or bfloat16 read and written through fast_math.h's
+// widen / narrow_into); the arithmetic in T (float for bfloat16).
+template <typename S, typename T>
+IWAE_INLINE void combine_rows(S* __restrict__ out, S* __restrict__ std, const S* __restrict__ eps,
+                              const S* __restrict__ bias_mu, const S* __restrict__ sigma2_b,
                               int64_t cols, int64_t r0, int64_t r1) {
+  using cpu_math::narrow_into;
+  using cpu_math::widen;
   for (int64_t r = r0; r < r1; ++r) {
-    T* __restrict__ o = out + r * cols;
-    T* __restrict__ s = std + r * cols;
-    const T* __restrict__ e = eps + r * cols;
+    S* __restrict__ o = out + r * cols;
+    S* __restrict__ s = std + r * cols;
+    const S* __restrict__ e = eps + r * cols;
 #pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) bl_combine(o[c], bias_mu[c], s[c], sigma2_b[c], e[c], o + c, s + c);
-  }
-}
-
-template <typename T>
-IWAE_INLINE void grads_flat(const T* __restrict__ g, const T* __restrict__ eps,
-                            const T* __restrict__ std, T* __restrict__ grad_var,
-                            T* __restrict__ grad_eps, int64_t i0, int64_t i1) {
-  if (grad_eps == nullptr) {
-#pragma omp simd
-    for (int64_t i = i0; i < i1; ++i) grad_var[i] = bl_grad_var(g[i], eps[i], std[i]);
-  } else {
-#pragma omp simd
-    for (int64_t i = i0; i < i1; ++i) {
-      grad_var[i] = bl_grad_var(g[i], eps[i], std[i]);
-      grad_eps[i] = g[i] * std[i];
+    for (int64_t c = 0; c < cols; ++c) {
+      T ov, sv;
+      bl_combine<T>(widen(o[c]), widen(bias_mu[c]), widen(s[c]), widen(sigma2_b[c]), widen(e[c]), &ov, &sv);
+      narrow_into(o + c, ov);
+      narrow_into(s + c, sv);
     }
   }
 }
 
-#define IWAE_BL_CLONES(T)                                                                     \
-  IWAE_SIMD_CLONES void bl_combine_rows(T* out, T* std, const T* eps, const T* bias_mu,     \
-                                        const T* sigma2_b, int64_t cols, int64_t r0,        \
+template <typename S, typename T>
+IWAE_INLINE void grads_flat(const S* __restrict__ g, const S* __restrict__ eps,
+                            const S* __restrict__ std, S* __restrict__ grad_var,
+                            S* __restrict__ grad_eps, int64_t i0, int64_t i1) {
+  using cpu_math::narrow_into;
+  using cpu_math::widen;
+  if (grad_eps == nullptr) {
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) narrow_into(grad_var + i, bl_grad_var<T>(widen(g[i]), widen(eps[i]), widen(std[i])));
+  } else {
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) {
+      const T gi = widen(g[i]), si = widen(std[i]);
+      narrow_into(grad_var + i, bl_grad_var<T>(gi, widen(eps[i]), si));
+      narrow_into(grad_eps + i, gi * si);
+    }
+  }
+}
+
+#define IWAE_BL_CLONES(S, T)                                                                  \
+  IWAE_SIMD_CLONES void bl_combine_rows(S* out, S* std, const S* eps, const S* bias_mu,     \
+                                        const S* sigma2_b, int64_t cols, int64_t r0,        \
                                         int64_t r1) {                                       \
-    combine_rows<T>(out, std, eps, bias_mu, sigma2_b, cols, r0, r1);                        \
+    combine_rows<S, T>(out, std, eps, bias_mu, sigma2_b, cols, r0, r1);                     \
   }                                                                                         \
-  IWAE_SIMD_CLONES void bl_grads_flat(const T* g, const T* eps, const T* std, T* grad_var,  \
-                                      T* grad_eps, int64_t i0, int64_t i1) {                \
-    grads_flat<T>(g, eps, std, grad_var, grad_eps, i0, i1);                                 \
+  IWAE_SIMD_CLONES void bl_grads_flat(const S* g, const S* eps, const S* std, S* grad_var,  \
+                                      S* grad_eps, int64_t i0, int64_t i1) {                \
+    grads_flat<S, T>(g, eps, std, grad_var, grad_eps, i0, i1);                              \
   }
 
-IWAE_BL_CLONES(float)
-IWAE_BL_CLONES(double)
+IWAE_BL_CLONES(float, float)
+IWAE_BL_CLONES(double, double)
+IWAE_BL_CLONES(c10::BFloat16, float)
 #undef IWAE_BL_CLONES
 
 void combine_cpu(at::Tensor& xw_out, at::Tensor& xxs_std, const at::Tensor& bias_mu,
                  const at::Tensor& sigma2_b, const at::Tensor& eps) {
   const int64_t cols = xw_out.size(-1), rows = cols == 0 ? 0 : xw_out.numel() / cols;
-  AT_DISPATCH_FLOATING_TYPES(xw_out.scalar_type(), "bayes_linear", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xw_out.scalar_type(), "bayes_linear", [&] {
     scalar_t* out = xw_out.data_ptr<scalar_t>();
     scalar_t* std = xxs_std.data_ptr<scalar_t>();
     const scalar_t* e = eps.const_data_ptr<scalar_t>();
@@ -85,7 +101,7 @@ void combine_cpu(at::Tensor& xw_out, at::Tensor& xxs_std, const at::Tensor& bias
 
 void grads_cpu(const at::Tensor& g, const at::Tensor& eps, const at::Tensor& std,
                at::Tensor& grad_var, at::Tensor& grad_eps) {
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "bayes_linear_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "bayes_linear_backward", [&] {
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* e = eps.const_data_ptr<scalar_t>();
     const scalar_t* s = std.const_data_ptr<scalar_t>();

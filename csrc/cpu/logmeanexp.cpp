@@ -1,4 +1,5 @@
-// CPU kernels of logmeanexp and its backward: float32 and float64.
+// CPU kernels of logmeanexp and its backward: float32 and float64 (float16 and bfloat16 through
+// float32: see low_precision).
 //
 // Rows are reduced in blocks of kBlock values: a vectorised max over the block, then a
 // vectorised sum of exp(x - max) that reads the block again from L1, then one scalar
@@ -224,6 +225,12 @@ void check_cpu_dtype(const at::Tensor& logw, const char* op) {
               ": logw must be float32 or float64 on the CPU, got ", logw.scalar_type());
 }
 
+// float16 and bfloat16 on the CPU: read into float32 (one pass), reduced by the float32
+// kernels (float32 accumulation, as on CUDA), the result rounded back; stats stay float32.
+bool low_precision(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+
 // out = logmeanexp(logw, dim); with want_stats also stats [2, *out.shape] (row max, log of the
 // normalised sum), the backward's reference pair.
 std::tuple<at::Tensor, at::Tensor> logmeanexp_cpu_impl(const at::Tensor& logw, int64_t dim,
@@ -283,16 +290,37 @@ std::tuple<at::Tensor, at::Tensor> logmeanexp_cpu_impl(const at::Tensor& logw, i
 }
 
 at::Tensor logmeanexp_cpu(const at::Tensor& logw, int64_t dim) {
+  if (low_precision(logw))
+    return std::get<0>(logmeanexp_cpu_impl(logw.to(at::kFloat), dim, false)).to(logw.scalar_type());
   return std::get<0>(logmeanexp_cpu_impl(logw, dim, false));
 }
 
 std::tuple<at::Tensor, at::Tensor> logmeanexp_stats_cpu(const at::Tensor& logw, int64_t dim) {
+  if (low_precision(logw)) {
+    auto [out, stats] = logmeanexp_cpu_impl(logw.to(at::kFloat), dim, true);
+    return {out.to(logw.scalar_type()), stats};
+  }
   return logmeanexp_cpu_impl(logw, dim, true);
 }
 
 at::Tensor logmeanexp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& logw,
                                    const at::Tensor& out, int64_t dim,
+                                   const c10::optional<at::Tensor>& stats);
+
+// float16 / bfloat16: the float32 backward on widened copies (checked first in the input dtype,
+// so the errors name the caller's tensors), the gradient rounded back.
+at::Tensor logmeanexp_backward_low(const at::Tensor& grad_out, const at::Tensor& logw,
+                                   const at::Tensor& out, int64_t dim,
                                    const c10::optional<at::Tensor>& stats) {
+  lme_backward_args(grad_out, logw, out, dim, stats, "logmeanexp_backward");
+  return logmeanexp_backward_cpu(grad_out.to(at::kFloat), logw.to(at::kFloat), out.to(at::kFloat), dim, stats)
+      .to(logw.scalar_type());
+}
+
+at::Tensor logmeanexp_backward_cpu(const at::Tensor& grad_out, const at::Tensor& logw,
+                                   const at::Tensor& out, int64_t dim,
+                                   const c10::optional<at::Tensor>& stats) {
+  if (low_precision(logw)) return logmeanexp_backward_low(grad_out, logw, out, dim, stats);
   LmeBackwardArgs a = lme_backward_args(grad_out, logw, out, dim, stats, "logmeanexp_backward");
   check_cpu_dtype(logw, "logmeanexp_backward");
   if (logw.numel() == 0) return a.grad_logw;

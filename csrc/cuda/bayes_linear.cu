@@ -2,6 +2,7 @@
 // (csrc/bayes_linear.cpp); here the two elementwise passes, each one fused grid-stride kernel
 // over the [M, out] results on the current stream.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,27 +18,34 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T>
-__global__ void combine_kernel(T* __restrict__ out, T* __restrict__ std, const T* __restrict__ eps,
-                               const T* __restrict__ bias_mu, const T* __restrict__ sigma2_b,
+// S: the storage type; the arithmetic in its opmath type (float for bfloat16), as on the CPU.
+template <typename S>
+__global__ void combine_kernel(S* __restrict__ out, S* __restrict__ std, const S* __restrict__ eps,
+                               const S* __restrict__ bias_mu, const S* __restrict__ sigma2_b,
                                int64_t cols, int64_t n) {
+  using T = at::opmath_type<S>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = i % cols;
-    bl_combine(out[i], bias_mu[c], std[i], sigma2_b[c], eps[i], out + i, std + i);
+    T o, s;
+    bl_combine<T>(static_cast<T>(out[i]), static_cast<T>(bias_mu[c]), static_cast<T>(std[i]),
+                  static_cast<T>(sigma2_b[c]), static_cast<T>(eps[i]), &o, &s);
+    out[i] = static_cast<S>(o);
+    std[i] = static_cast<S>(s);
   }
 }
 
 // grad_eps == nullptr: eps needs no gradient, only d/d var is written.
-template <typename T>
-__global__ void grads_kernel(const T* __restrict__ g, const T* __restrict__ eps,
-                             const T* __restrict__ std, T* __restrict__ grad_var,
-                             T* __restrict__ grad_eps, int64_t n) {
+template <typename S>
+__global__ void grads_kernel(const S* __restrict__ g, const S* __restrict__ eps,
+                             const S* __restrict__ std, S* __restrict__ grad_var,
+                             S* __restrict__ grad_eps, int64_t n) {
+  using T = at::opmath_type<S>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const T gi = g[i], si = std[i];
-    grad_var[i] = bl_grad_var(gi, eps[i], si);
-    if (grad_eps != nullptr) grad_eps[i] = gi * si;
+    const T gi = static_cast<T>(g[i]), si = static_cast<T>(std[i]);
+    grad_var[i] = static_cast<S>(bl_grad_var<T>(gi, static_cast<T>(eps[i]), si));
+    if (grad_eps != nullptr) grad_eps[i] = static_cast<S>(gi * si);
   }
 }
 
@@ -46,8 +54,9 @@ unsigned blocks_for(int64_t n) {
 }
 
 void check_cuda(const at::Tensor& t, const char* op) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
-              ": the CUDA kernel takes float32 or float64, got ", t.scalar_type());
+  const at::ScalarType st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, op,
+              ": the CUDA kernel takes float32, float64 or bfloat16, got ", st);
 }
 
 void combine_cuda(at::Tensor& xw_out, at::Tensor& xxs_std, const at::Tensor& bias_mu,
@@ -56,7 +65,7 @@ void combine_cuda(at::Tensor& xw_out, at::Tensor& xxs_std, const at::Tensor& bia
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(xw_out.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(xw_out.scalar_type(), "bayes_linear", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xw_out.scalar_type(), "bayes_linear", [&] {
     combine_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         xw_out.data_ptr<scalar_t>(), xxs_std.data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>(),
         bias_mu.const_data_ptr<scalar_t>(), sigma2_b.const_data_ptr<scalar_t>(), xw_out.size(-1), n);
@@ -70,7 +79,7 @@ void grads_cuda(const at::Tensor& g, const at::Tensor& eps, const at::Tensor& st
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(g.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "bayes_linear_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "bayes_linear_backward", [&] {
     grads_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>(), std.const_data_ptr<scalar_t>(),
         grad_var.data_ptr<scalar_t>(), grad_eps.defined() ? grad_eps.data_ptr<scalar_t>() : nullptr, n);

@@ -54,11 +54,17 @@ class BayesLinear(nn.Module):
 
     def forward(self, x: Tensor, eps: Tensor | None = None) -> Tensor:
         """x [..., in] -> [..., out]; ``eps`` [..., out] standard normal (drawn when None)."""
-        if x.dtype != self.weight_mu.dtype and x.dtype in (torch.bfloat16, torch.float16):
-            x = x.to(self.weight_mu.dtype)  # under autocast: the layer itself stays in the weights' dtype
-        if eps is None:
-            eps = standard_normal((*x.shape[:-1], self.out_features), x.dtype, x.device)
-        return bayes_linear(x, self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho, eps)
+        params = (self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho)
+        if x.dtype == torch.bfloat16 and self.weight_mu.dtype != torch.bfloat16:
+            # bfloat16 autocast (training with precision="bf16"): the layer in bfloat16 (its
+            # products accumulate in float32), the parameters cast from their float32 masters
+            params = tuple(p.to(torch.bfloat16) for p in params)
+        elif x.dtype != self.weight_mu.dtype and x.dtype == torch.float16:
+            x = x.to(self.weight_mu.dtype)
+        if eps is None:  # keyed normals come in float32 or float64
+            draw = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+            eps = standard_normal((*x.shape[:-1], self.out_features), draw, x.device).to(x.dtype)
+        return bayes_linear(x, *params, eps)
 
     def kl(self, prior_std: float) -> Tensor:
         """KL(q(W, b) || N(0, prior_std^2 I)), summed."""

@@ -12,8 +12,10 @@ def bayes_linear(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Tens
     output of a linear layer whose weights are drawn independently for that row from
     N(W_mu, softplus(W_rho)^2), N(b_mu, softplus(b_rho)^2) (exact in distribution).
 
-    Under ``torch.autocast`` the layer runs in its inputs' dtype (float32 or float64): autocast
-    is switched off around it, so the matrix products inside its kernels are not lowered.
+    float32, float64 or bfloat16 (all six in one dtype; bfloat16: the two products in bfloat16
+    with float32 accumulation, the elementwise passes in float32, the result bfloat16). Under
+    ``torch.autocast`` the layer runs in its inputs' dtype: autocast is switched off around it,
+    so the matrix products inside its kernels are not lowered behind its back.
     """
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
@@ -24,8 +26,8 @@ def bayes_linear(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Tens
 
 def _check(x, weight_mu, weight_rho, bias_rho, eps, op):
     torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least one dimension [..., in], got a scalar")
-    torch._check(x.dtype in (torch.float32, torch.float64),
-                 lambda: f"{op}: x must be float32 or float64, got {x.dtype}")
+    torch._check(x.dtype in (torch.float32, torch.float64, torch.bfloat16),
+                 lambda: f"{op}: x must be float32, float64 or bfloat16, got {x.dtype}")
     torch._check(weight_mu.dim() == 2, lambda: f"{op}: weight_mu must have shape [out, in], got {list(weight_mu.shape)}")
     torch._check(weight_mu.shape[1] == x.shape[-1],
                  lambda: f"{op}: x's last dimension ({x.shape[-1]}) must equal weight_mu's in ({weight_mu.shape[1]})")

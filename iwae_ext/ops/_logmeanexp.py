@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor
 
-_CPU_DTYPES = (torch.float32, torch.float64)
+_CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # the low ones through float32
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
