@@ -417,3 +417,19 @@ def test_the_command_lines_take_the_precision_flags():
     assert eval_parser().parse_args(["run"]).ais_precision == "auto"
     with pytest.raises(SystemExit):
         train_parser().parse_args(["--precision", "fp16"])
+
+
+def test_random_weight_layers_run_in_bfloat16_under_autocast():
+    """A model of BayesLinear layers only has no nn.Linear for autocast to lower: the layer lowers
+    its float32 input itself, as autocast lowers nn.Linear's, and its gradients reach the float32
+    parameters."""
+    from iwae_ext.models import BayesLinear
+    torch.manual_seed(16)
+    layer = BayesLinear(6, 4)
+    x = torch.randn(5, 6)
+    with torch.autocast("cpu", dtype=BF16):
+        y = layer(x)
+    assert y.dtype == BF16
+    y.float().sum().backward()
+    assert layer.weight_mu.grad.dtype == torch.float32 and layer.weight_mu.grad.abs().sum() > 0
+    assert layer(x).dtype == torch.float32  # outside autocast: float32

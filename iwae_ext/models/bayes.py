@@ -55,6 +55,10 @@ class BayesLinear(nn.Module):
     def forward(self, x: Tensor, eps: Tensor | None = None) -> Tensor:
         """x [..., in] -> [..., out]; ``eps`` [..., out] standard normal (drawn when None)."""
         params = (self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho)
+        dev = x.device.type
+        if (x.dtype == torch.float32 and torch.is_autocast_enabled(dev)
+                and torch.get_autocast_dtype(dev) == torch.bfloat16):
+            x = x.to(torch.bfloat16)  # lowered as autocast lowers nn.Linear's input
         if x.dtype == torch.bfloat16 and self.weight_mu.dtype != torch.bfloat16:
             # bfloat16 autocast (training with precision="bf16"): the layer in bfloat16 (its
             # products accumulate in float32), the parameters cast from their float32 masters
