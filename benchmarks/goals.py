@@ -27,7 +27,7 @@ Goals (CPU; eager = the pure-PyTorch twin, `torch.logsumexp(x, dim) - log K` for
                  cost <= 15% against every chain adapting on its own history (all float32);
                  bfloat16 interior gradients >= 3x the float32 path, acceptance within 0.05;
   training       compile's default (--compile unset) never slower than the other choice, at
-                 k = 5, batch 100 and at k = 50, batch 20.
+                 k = 5, batch 100 and at k = 50, batch 20; --precision bf16 >= 2x float32 there.
 """
 import argparse
 import json
@@ -250,9 +250,11 @@ def training(a, device):
     for k, bs, epochs in ((5, 100, 3280), (50, 20, 3280)):
         targs = argparse.Namespace(k=k, batch_size=bs, estimator="standard", steps=steps)
         fns = {}
-        for compiled in (False, True):
-            block = trainer_block(targs, dataset, torch.device(device), compiled)
-            fns["compiled" if compiled else "eager"] = (lambda blk: lambda: blk(steps))(block)
+        for precision in ("float32", "bf16"):
+            for compiled in (False, True):
+                block = trainer_block(targs, dataset, torch.device(device), compiled, precision=precision)
+                name = ("compiled" if compiled else "eager") + ("_bf16" if precision == "bf16" else "")
+                fns[name] = (lambda blk: lambda: blk(steps))(block)
         t0 = time.perf_counter()
         times = measure_interleaved(fns, device, rounds=3 if a.quick else 9, block_seconds=0.0)
         r, rng = ratios(times, "eager", "compiled")
@@ -264,6 +266,11 @@ def training(a, device):
                f"compiled {fmt(r, rng)} eager; step {1e3 * median(times['eager']) / steps:.2f} ms eager, "
                f"{1e3 * median(times['compiled']) / steps:.2f} ms compiled", ok,
                {"seconds": time.perf_counter() - t0}, times)
+        best = [min(e, c) / min(eb, cb) for e, c, eb, cb in zip(times["eager"], times["compiled"],
+                                                                times["eager_bf16"], times["compiled_bf16"])]
+        r, rng = median(best), (min(best), max(best))
+        record("training", f"precision bf16 >= 2x float32, k = {k}, batch {bs} (faster of eager and compiled)",
+               fmt(r, rng), r >= 2.0)
 
 
 PARTS = {"logmeanexp": [logmeanexp_speed, logmeanexp_precision], "bayes_linear": [bayes_linear_speed],

@@ -13,10 +13,11 @@
 #
 # Time limits per part on one H100 or H200 (each part gets SIGTERM at its limit, which pytest
 # takes as an interrupt and still writes its report, and the next part runs; the whole finishes
-# within 8 minutes): build 110 s, tests 110 s (8 pytest-xdist workers where xdist is
-# installed), logmeanexp 45 s, bayes_linear 40 s, decoder (bernoulli_log_prob) 35 s, ais 55 s,
-# train step (k=50, batch 20, compiled and eager) 60 s, environment and summary a few seconds:
-# 455 s of limits.
+# within 8 minutes): build 110 s, tests 100 s (8 pytest-xdist workers where xdist is
+# installed), logmeanexp 40 s, bayes_linear 40 s, decoder (bernoulli_log_prob) 35 s, ais 65 s
+# (float32 and bf16 interior gradients), train step (k=50, batch 20: compiled and eager, and
+# eager bf16) 60 s, train step in tf32 25 s, environment and summary a few seconds: 475 s of
+# limits.
 #
 # --dry-run: the same parts on the CPU at toy sizes (a CPU build, tests/test_build.py only, tiny
 # benchmark shapes), in well under 3 minutes; CI runs it so that this script cannot rot.
@@ -50,17 +51,18 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu
   export CUDA_VISIBLE_DEVICES=""   # the CPU even where a GPU is visible
-  T_BUILD=300 T_TESTS=120 T_LME=150 T_BL=60 T_DEC=60 T_AIS=60 T_TRAIN=150  # caps, not budgets: a loaded CPU
+  T_BUILD=300 T_TESTS=120 T_LME=150 T_BL=60 T_DEC=60 T_AIS=60 T_TRAIN=150 T_TF32=60  # caps, not budgets: a loaded CPU
   BUILD_CUDA=auto                  # whatever this torch can build
   TESTS=(tests/test_build.py)
   LME_ARGS=(--shapes 20x50 100x50 --no-compile)
   BL_ARGS=(--rows 64 --rounds 3 --no-memory)
   DEC_ARGS=(--toy --rounds 2)
   AIS_ARGS=(--chains 32 --temps 3 --leapfrog 2 --rounds 3)
-  TRAIN_ARGS=(--rounds 2 --steps 3 --k 50 --batch-size 20)
+  TRAIN_ARGS=(--rounds 2 --steps 3 --k 50 --batch-size 20 --only twin plain bf16)
+  TF32_ARGS=(--rounds 2 --steps 3 --k 50 --batch-size 20 --only bf16)   # on the CPU: bf16 again
 else
   DEVICE=cuda
-  T_BUILD=110 T_TESTS=110 T_LME=45 T_BL=40 T_DEC=35 T_AIS=55 T_TRAIN=60
+  T_BUILD=110 T_TESTS=100 T_LME=40 T_BL=40 T_DEC=35 T_AIS=65 T_TRAIN=60 T_TF32=25
   BUILD_CUDA=1                     # the CUDA kernels, or fail
   export IWAE_EXT_TESTS=cuda       # the CUDA cases only
   TESTS=(tests)
@@ -69,7 +71,8 @@ else
   BL_ARGS=()
   DEC_ARGS=(--rounds 11 --e2e-rounds 1 --skip-train)
   AIS_ARGS=(--rounds 7)
-  TRAIN_ARGS=(--k 50 --batch-size 20 --steps 200 --rounds 3)
+  TRAIN_ARGS=(--k 50 --batch-size 20 --steps 200 --rounds 3 --only twin plain bf16)
+  TF32_ARGS=(--k 50 --batch-size 20 --steps 100 --rounds 3 --only bf16 --tf32)
 fi
 
 # part NAME LIMIT_SECONDS COMMAND...: runs COMMAND under a time limit, output to NAME.log,
@@ -135,5 +138,7 @@ part ais "$T_AIS" "$PY" benchmarks/bench_ais.py --device "$DEVICE" \
   --out "$OUT_DIR/ais.json" "${AIS_ARGS[@]}"
 part train "$T_TRAIN" "$PY" benchmarks/bench_train.py --device "$DEVICE" \
   --out "$OUT_DIR/train.json" "${TRAIN_ARGS[@]}"
+part train_tf32 "$T_TF32" "$PY" benchmarks/bench_train.py --device "$DEVICE" \
+  --out "$OUT_DIR/train-tf32.json" "${TF32_ARGS[@]}"
 "$PY" benchmarks/gpu_summary.py "$OUT_DIR" --total-seconds $((SECONDS - start))
 echo "gpu.sh: $((SECONDS - start)) s; $OUT_DIR/summary.md"

@@ -160,6 +160,11 @@ def goals(out, dry):
                      f"{r['iwae_ext_grad_evals_per_s']:.3g} grad evals/s; agreement: "
                      f"{ais.get('agreement', 'not recorded')}",
                      _verdict(r["chains"] == 4096 and r["speedup_vs_authors"] >= 10, dry)))
+        if "bf16_speedup" in r:
+            rows.append(("ais", "bf16 interior gradients: speedup over float32 (the same estimator)",
+                         f"{r['bf16_speedup']:.2f}x at {r['chains']} chains; floors' ratio "
+                         f"{r['matmuls_vs_matmuls_bf16']:.2f}x; acceptance {r['acceptance_bf16']:.4f} vs "
+                         f"{r['acceptance_float32']:.4f}", "measured"))
         est = ais["full_test_set_estimate"]["iwae_ext_seconds"]
         rows.append(("ais", "whole test set, Wu et al.'s protocol, <= 10 minutes",
                      f"{est / 60:.1f} min (extrapolated from {ais['full_test_set_estimate']['from_chains']} chains)",
@@ -176,6 +181,10 @@ def goals(out, dry):
                      f"{r['eager_step_s'] * 1e3:.3f} (x{r['compiled_speedup']:.2f}); plain PyTorch "
                      f"{r.get('plain_step_s', float('nan')) * 1e3:.3f}",
                      _verdict(r["k"] == 50 and r["batch_size"] == 20 and r["compiled_step_s"] <= 2e-4, dry)))
+        for name, data in (("bf16", r), ("tf32", (_load(out, "train-tf32.json") or {"results": [{}]})["results"][0])):
+            if "bf16_speedup" in data:  # the low-precision row of that run (bf16, or tf32 with --tf32)
+                rows.append(("train step", f"{data.get('low_precision', name)} step against float32, eager",
+                             f"x{data['bf16_speedup']:.2f} ({data['bf16_step_s'] * 1e3:.3f} ms/step)", "measured"))
     return rows, t
 
 
@@ -211,7 +220,7 @@ def main():
         lines += [f"- {n} x {reason or '(none given)'}" for reason, n in
                   sorted(t["skip_reasons"].items(), key=lambda kv: -kv[1])[:8]]
     lines += ["", "Logs and JSON beside this file: <part>.log, pytest.xml, logmeanexp.json, "
-              "bayes-linear.json, ais.json, train.json."]
+              "bayes-linear.json, ais.json, train.json, train-tf32.json."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(text)
