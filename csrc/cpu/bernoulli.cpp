@@ -1,4 +1,5 @@
-// CPU kernels of the fused Bernoulli output layer: float32 and float64.
+// CPU kernels of the fused Bernoulli output layer: float32, float64, and bfloat16 h and weight
+// (bfloat16 products with float32 accumulation, blocks stored in bfloat16, a float32 epilogue).
 //
 // The M = S*B rows of h are cut into blocks whose [R, D] logits fit in L2 (kForwardBytes,
 // kBackwardBytes; their number a multiple of the thread count, bern_block_rows); a task takes

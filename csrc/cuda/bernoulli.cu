@@ -1,4 +1,5 @@
-// CUDA kernels of the fused Bernoulli output layer: float32 and float64, on the current stream,
+// CUDA kernels of the fused Bernoulli output layer: float32, float64 and bfloat16 h and weight
+// (cuBLAS bfloat16 with float32 compute, a float32 epilogue), on the current stream,
 // with no host synchronisation (usable under CUDA graphs).
 //
 // Blocked like the CPU kernels, with blocks sized for the GPU's L2 (kBlockBytes of logits):
