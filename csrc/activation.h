@@ -43,6 +43,28 @@ struct ActMath<c10::BFloat16> {
   using type = float;
 };
 
+// The backward's arithmetic type (and how bfloat16 is read): float for bfloat16, the storage
+// type otherwise (the CPU kernels read bfloat16 through fast_math.h's widen, the same mapping).
+template <typename S>
+struct ActGradMath {
+  using type = S;
+};
+template <>
+struct ActGradMath<c10::BFloat16> {
+  using type = float;
+};
+
+// Runs f(S{}) with the storage type S of the op's tensors: float, double or BFloat16.
+template <typename F>
+void act_dispatch(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "activation: unsupported dtype ", st);
+  }
+}
+
 template <Act K, typename T, typename M>
 IWAE_ACT_INLINE T act_forward(T a, M m) {
   if constexpr (K == Act::kTanh) {

@@ -95,6 +95,15 @@ BernArgs bern_args(const at::Tensor& h, const at::Tensor& weight, const at::Tens
 at::Tensor bern_low_weight(const c10::optional<at::Tensor>& low_weight, const BernArgs& a,
                            const char* op);
 
+// One block's share of the backward, the same on every device (ATen's products on the current
+// stream): dh_blk = E W from L holding E (x - sigmoid(l), scaled), or with low_w (bfloat16)
+// round(E) low_w through ebuf, a bfloat16 buffer of at least L's rows; dw += E^T h_blk, by
+// addmm in the products' dtype, or for bfloat16 blocks as a bfloat16 product added into dw's
+// float32 sum.
+void bern_block_dh(at::Tensor dh_blk, const at::Tensor& L, const at::Tensor& weight,
+                   const at::Tensor& low_w, const at::Tensor& ebuf);
+void bern_block_dw(at::Tensor& dw, const at::Tensor& L, const at::Tensor& h_blk);
+
 // The backward's grad_out: h's shape without its last dim, h's dtype and device; as [M].
 at::Tensor bern_grad_out(const at::Tensor& grad_out, const at::Tensor& h, const BernArgs& a,
                          const char* op);

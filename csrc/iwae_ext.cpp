@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
 
@@ -201,6 +202,24 @@ void act_backward_check(const at::Tensor& grad, const at::Tensor& out, const cha
   IWAE_CHECK_SHAPE("activation_backward", "grad", grad, out.sizes());
   IWAE_CHECK_SAME_DTYPE("activation_backward", "grad", grad, "out", out);
   IWAE_CHECK_SAME_DEVICE("activation_backward", "grad", grad, "out", out);
+}
+
+void bern_block_dh(at::Tensor dh_blk, const at::Tensor& L, const at::Tensor& weight,
+                   const at::Tensor& low_w, const at::Tensor& ebuf) {
+  if (!low_w.defined()) {
+    at::mm_out(dh_blk, L, weight);
+    return;
+  }
+  at::Tensor e = ebuf.narrow(0, 0, L.size(0));
+  e.copy_(L);
+  at::mm_out(dh_blk, e, low_w);
+}
+
+void bern_block_dw(at::Tensor& dw, const at::Tensor& L, const at::Tensor& h_blk) {
+  if (dw.scalar_type() == L.scalar_type())
+    dw.addmm_(L.t(), h_blk);
+  else
+    dw.add_(at::mm(L.t(), h_blk));
 }
 
 at::Tensor bern_low_weight(const c10::optional<at::Tensor>& low_weight, const BernArgs& a,

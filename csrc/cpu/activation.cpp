@@ -76,16 +76,6 @@ IWAE_ACT_CLONES(double)
 IWAE_ACT_CLONES(c10::BFloat16)
 #undef IWAE_ACT_CLONES
 
-template <typename F>
-void act_dispatch(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat: f(float{}); break;
-    case at::kDouble: f(double{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "activation: unsupported dtype ", st);
-  }
-}
-
 constexpr int64_t kGrain = 16384;  // elements per task at least
 
 at::Tensor activation_cpu(const at::Tensor& a_in, const c10::optional<at::Tensor>& bias,

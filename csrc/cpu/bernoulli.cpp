@@ -214,7 +214,6 @@ GradResult grad_cpu(const BernArgs& a, const at::Tensor& g, bool want_value, boo
   // once, the sum over blocks is not)
   at::Tensor dw_parts = want_dw ? at::zeros({n_tasks, a.D, a.H}, math_opts) : at::Tensor();
   at::Tensor db_parts = want_db ? at::zeros({n_tasks, a.D}, opts.dtype(at::kDouble)) : at::Tensor();
-  const bool low = a.h.scalar_type() != a.math;
   if (a.M > 0 && (want_value || want_dh || want_dw || want_db || keep.defined())) {
     const at::Tensor wt = a.weight.t();
     bern_dispatch(a.h.scalar_type(), [&](auto s_tag, auto t_tag) {
@@ -236,22 +235,8 @@ GradResult grad_cpu(const BernArgs& a, const at::Tensor& g, bool want_value, boo
             at::mm_out(L, h_blk, wt);
             bern_grad_block(L.data_ptr<S>(), a.bias.const_data_ptr<T>(), a.x.const_data_ptr<T>(),
                             gp, vp, db_t, r0, rows, a.B, a.D);
-            if (want_dh) {
-              at::Tensor dh_blk = res.dh.narrow(0, r0, rows);
-              if (low_w.defined()) {
-                at::Tensor e = ebuf.narrow(0, 0, rows);
-                e.copy_(L);
-                at::mm_out(dh_blk, e, low_w);
-              } else {
-                at::mm_out(dh_blk, L, a.weight);
-              }
-            }
-            if (want_dw) {
-              if (low)
-                dw_t.add_(at::mm(L.t(), h_blk));
-              else
-                dw_t.addmm_(L.t(), h_blk);
-            }
+            if (want_dh) bern_block_dh(res.dh.narrow(0, r0, rows), L, a.weight, low_w, ebuf);
+            if (want_dw) bern_block_dw(dw_t, L, h_blk);
           }
         }
       });

@@ -21,16 +21,6 @@ struct CudaExp {
   __device__ __forceinline__ T exp_nonpos(T v) const { return ::exp(v); }
 };
 
-// The math type of the backward: float for bfloat16, the storage type otherwise.
-template <typename S>
-struct BackwardMath {
-  using type = S;
-};
-template <>
-struct BackwardMath<c10::BFloat16> {
-  using type = float;
-};
-
 template <Act K, typename S>
 __global__ void forward_kernel(const S* __restrict__ a, const S* __restrict__ bias, S* __restrict__ out,
                                int64_t n, int64_t N) {
@@ -38,16 +28,16 @@ __global__ void forward_kernel(const S* __restrict__ a, const S* __restrict__ bi
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(blockDim.x) * gridDim.x) {
     using T = typename ActMath<S>::type;  // bfloat16 read through float (exact), as on the CPU
-    T v = static_cast<T>(static_cast<typename BackwardMath<S>::type>(a[i]));
-    if (bias != nullptr) v += static_cast<T>(static_cast<typename BackwardMath<S>::type>(bias[i % N]));
-    out[i] = static_cast<S>(static_cast<typename BackwardMath<S>::type>(act_forward<K, T>(v, m)));
+    T v = static_cast<T>(static_cast<typename ActGradMath<S>::type>(a[i]));
+    if (bias != nullptr) v += static_cast<T>(static_cast<typename ActGradMath<S>::type>(bias[i % N]));
+    out[i] = static_cast<S>(static_cast<typename ActGradMath<S>::type>(act_forward<K, T>(v, m)));
   }
 }
 
 template <Act K, typename S>
 __global__ void backward_kernel(const S* __restrict__ g, const S* __restrict__ o, S* __restrict__ out,
                                 int64_t n) {
-  using T = typename BackwardMath<S>::type;
+  using T = typename ActGradMath<S>::type;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(blockDim.x) * gridDim.x)
     out[i] = static_cast<S>(act_backward<K, T>(static_cast<T>(g[i]), static_cast<T>(o[i])));
@@ -57,16 +47,6 @@ constexpr int kThreads = 256;
 
 unsigned grid_for(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
-}
-
-template <typename F>
-void act_dispatch(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat: f(float{}); break;
-    case at::kDouble: f(double{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "activation: unsupported dtype ", st);
-  }
 }
 
 template <typename S>

@@ -126,7 +126,6 @@ GradResult grad_cuda(const BernArgs& a, const at::Tensor& g, bool want_value, bo
   GradResult res;
   const auto opts = a.h.options();
   const auto math_opts = opts.dtype(a.math);
-  const bool low = a.h.scalar_type() != a.math;
   if (want_value) res.value = at::empty({a.M}, math_opts);
   // every row is written below
   if (want_dh) res.dh = at::empty({a.M, a.H}, low_w.defined() ? low_w.options() : opts);
@@ -157,22 +156,8 @@ GradResult grad_cuda(const BernArgs& a, const at::Tensor& g, bool want_value, bo
         launch<S, T, true, true>(lp, bp, xp, gp, res.value.data_ptr<T>(), r0, rows, a.B, a.D, stream);
       else
         launch<S, T, false, true>(lp, bp, xp, gp, nullptr, r0, rows, a.B, a.D, stream);
-      if (want_dh) {
-        at::Tensor dh_blk = res.dh.narrow(0, r0, rows);
-        if (low_w.defined()) {
-          at::Tensor e = ebuf.narrow(0, 0, rows);
-          e.copy_(L);
-          at::mm_out(dh_blk, e, low_w);
-        } else {
-          at::mm_out(dh_blk, L, a.weight);
-        }
-      }
-      if (want_dw) {
-        if (low)
-          res.dw.add_(at::mm(L.t(), h_blk));
-        else
-          res.dw.addmm_(L.t(), h_blk);
-      }
+      if (want_dh) bern_block_dh(res.dh.narrow(0, r0, rows), L, a.weight, low_w, ebuf);
+      if (want_dw) bern_block_dw(res.dw, L, h_blk);
       if (want_db) res.db.add_(at::sum(L, 0, false, a.math));
     }
   });

@@ -44,6 +44,16 @@ def _full(t: Tensor) -> Tensor:
     return t.float() if t.dtype in _LOW else t
 
 
+def _hidden_backward(dh: Tensor, h: Tensor, hs: list[Tensor], weights: list[Tensor], act: str) -> Tensor:
+    """Back through an MLP's hidden layers without autograd: d/d(input) from d/dh at its output h,
+    given each layer's input ``hs`` and weight (bottom first); every output is read in dh's
+    dtype (the products then run in it: bfloat16 for the low-precision gradients)."""
+    for w, h_in in zip(reversed(weights), reversed(hs)):
+        dh = activation_backward(dh, h.to(dh.dtype), act) @ w
+        h = h_in
+    return dh
+
+
 def _bias(layer: nn.Module) -> Tensor:
     """The (mean) bias of an nn.Linear or a BayesLinear."""
     return layer.bias_mu if isinstance(layer, BayesLinear) else layer.bias
@@ -469,14 +479,12 @@ class VAE(nn.Module):
             hs.append(h)
             h = activation(F.linear(h, lin.weight), lin.bias, act)  # the bias and activation in one pass
         fused = isinstance(dec, BernoulliDecoder) and dec.fuses(x, h)
-        if fused and low is not None:
+        weights = [lin.weight for lin, _ in layers]
+        if fused and low is not None:  # the backward's products in low's dtype
             log_lik, dh = bernoulli_log_prob_grad_h(h, dec.logits.weight, dec.logits.bias, x, value,
                                                     low_weight=low["out"][0][0])
-            for (w, _), h_in in zip(reversed(low["hidden"]), reversed(hs)):
-                dh = activation_backward(dh, h.to(low["dtype"]), act) @ w
-                h = h_in
-            return (standard_normal_log_prob(z) + log_lik if value else None), dh.to(z.dtype) - z
-        if fused:
+            weights = [w for w, _ in low["hidden"]]
+        elif fused:
             log_lik, dh = bernoulli_log_prob_grad_h(h, dec.logits.weight, dec.logits.bias, x, value)
         elif isinstance(dec, BernoulliDecoder):
             logits = F.linear(h, dec.logits.weight, dec.logits.bias)
@@ -491,10 +499,8 @@ class VAE(nn.Module):
             d_loc = prec_r * mean * (1 - mean)
             d_logvar = 0.5 * (r * prec_r - 1)
             dh = d_loc @ dec.net.loc.weight + d_logvar @ dec.net.logvar.weight
-        for (lin, _), h_in in zip(reversed(layers), reversed(hs)):
-            dh = activation_backward(dh, h, act) @ lin.weight
-            h = h_in
-        return (standard_normal_log_prob(z) + log_lik if value else None), dh - z
+        dh = _hidden_backward(dh, h, hs, weights, act)
+        return (standard_normal_log_prob(z) + log_lik if value else None), dh.to(z.dtype) - z
 
     def _decoder_weights(self, dtype: torch.dtype) -> dict:
         """The decoder's weights and biases cast to ``dtype`` once, for
@@ -534,9 +540,7 @@ class VAE(nn.Module):
             r = x.float() - mean
             prec_r = r * torch.exp(-logvar)
             dh = (prec_r * mean * (1 - mean)).to(dtype) @ wl + (0.5 * (r * prec_r - 1)).to(dtype) @ wv
-        for (w, _), h_in in zip(reversed(weights["hidden"]), reversed(hs)):
-            dh = activation_backward(dh, h, act) @ w
-            h = h_in
+        dh = _hidden_backward(dh, h, hs, [w for w, _ in weights["hidden"]], act)
         return dh.to(z.dtype) - z
 
     @classmethod
