@@ -52,10 +52,13 @@ def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    # torch adds the -std= its headers need; -fno-math-errno lets loops with sqrt vectorise
-    # -g0 overrides the -g of Python's CFLAGS (nvcc adds no host debug info unless asked, and
-    # rejects -g0)
-    cxx = opt + ([] if debug else ["-g0"]) + ["-fopenmp", "-fno-math-errno"]
+    # torch adds the -std= its headers need; -fno-math-errno lets loops with sqrt vectorise;
+    # -fno-trapping-math lets GCC compute both sides of a select (nothing here reads the
+    # floating-point exception flags; no value changes): without it the kernels' branch-free
+    # selects stay branches for AVX2 and the SSE baseline (not vectorised) and masked
+    # operations for AVX-512. -g0 overrides the -g of Python's CFLAGS (nvcc adds no host
+    # debug info unless asked, and rejects -g0)
+    cxx = opt + ([] if debug else ["-g0"]) + ["-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     arch_list = ""
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:

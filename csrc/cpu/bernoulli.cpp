@@ -23,6 +23,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
+#include <type_traits>
 
 #include "../bernoulli.h"
 #include "fast_math.h"
@@ -44,17 +46,14 @@ struct CpuMath {
   IWAE_INLINE T log1p_unit(T e) const { return cpu_math::log1p_unit(e); }
 };
 
-// One row: l holds h_m W^T (without the bias), in the storage type S (T, or bfloat16 with
-// T = float). kValue: returns sum_d of the terms; kGrad: overwrites l with g (x - sigmoid(l +
-// bias)), rounded to S. The terms are summed in 64-byte lanes of T over runs of kRun vectors,
-// each run's lanes then added into lanes of double (a fixed order, whatever the ISA; few
-// conversions). The last D % kLanes columns go through the same vector code from padded
-// local arrays.
-template <typename S, typename T, bool kValue, bool kGrad>
-IWAE_INLINE double row_epilogue(S* __restrict__ l, const T* __restrict__ bias,
+// One row: l holds h_m W^T (without the bias). kValue: returns sum_d of the terms; kGrad:
+// overwrites l with g (x - sigmoid(l + bias)). The terms are summed in 64-byte lanes of T over
+// runs of kRun vectors, each run's lanes then added into lanes of double (a fixed order,
+// whatever the ISA; few conversions). The last D % kLanes columns go through the same vector
+// code from padded local arrays.
+template <typename T, bool kValue, bool kGrad>
+IWAE_INLINE double row_epilogue(T* __restrict__ l, const T* __restrict__ bias,
                                 const T* __restrict__ x, T g, int64_t D) {
-  using cpu_math::narrow_into;
-  using cpu_math::widen;
   constexpr int kLanes = 64 / sizeof(T);
   constexpr int64_t kRun = 8;
   const CpuMath m;
@@ -68,21 +67,21 @@ IWAE_INLINE double row_epilogue(S* __restrict__ l, const T* __restrict__ bias,
   int64_t d = 0;
   int64_t in_run = 0;
   for (; d + kLanes <= D; d += kLanes) {
-    S* __restrict__ lp = l + d;
+    T* __restrict__ lp = l + d;
     const T* __restrict__ bp = bias + d;
     const T* __restrict__ xp = x + d;
 #pragma omp simd
     for (int j = 0; j < kLanes; ++j) {
-      const T lv = widen(lp[j]) + bp[j];
+      const T lv = lp[j] + bp[j];
       if constexpr (kValue && kGrad) {
         T t, dl;
         bern_term_dlogit(lv, xp[j], m, &t, &dl);
         part[j] += t;
-        narrow_into(lp + j, g * dl);
+        lp[j] = g * dl;
       } else if constexpr (kValue) {
         part[j] += bern_term(lv, xp[j], m);
       } else {
-        narrow_into(lp + j, g * bern_dlogit(lv, xp[j], m));
+        lp[j] = g * bern_dlogit(lv, xp[j], m);
       }
     }
     if (kValue && ++in_run == kRun) {
@@ -99,7 +98,7 @@ IWAE_INLINE double row_epilogue(S* __restrict__ l, const T* __restrict__ bias,
     T lt[kLanes], xt[kLanes], et[kLanes];
 #pragma omp simd
     for (int j = 0; j < kLanes; ++j) {
-      lt[j] = j < n ? widen(l[d + j]) + bias[d + j] : T(0);
+      lt[j] = j < n ? l[d + j] + bias[d + j] : T(0);
       xt[j] = j < n ? x[d + j] : T(0);
     }
 #pragma omp simd
@@ -116,7 +115,7 @@ IWAE_INLINE double row_epilogue(S* __restrict__ l, const T* __restrict__ bias,
       et[j] = g * dl;
     }
     if constexpr (kGrad)
-      for (int64_t j = 0; j < n; ++j) narrow_into(l + d + j, et[j]);
+      for (int64_t j = 0; j < n; ++j) l[d + j] = et[j];
   }
   double s = 0.0;
   if constexpr (kValue)
@@ -124,18 +123,36 @@ IWAE_INLINE double row_epilogue(S* __restrict__ l, const T* __restrict__ bias,
   return s;
 }
 
-// The rows of one block. out (kValue) and g (kGrad; nullptr: g = 1) are indexed by the
-// global row r0 + r; db (nullable) accumulates the column sums of E in double.
+// The rows of one block, L in the storage type S (T, or bfloat16 with T = float). out (kValue)
+// and g (kGrad; nullptr: g = 1) are indexed by the global row r0 + r; db (nullable)
+// accumulates the column sums of E in double. A bfloat16 row is widened into a row of T, the
+// epilogue runs there, and (kGrad) the result is rounded back into L: each in a loop of its
+// own, so that the arithmetic runs at T's full vector width (in one loop with the 2-byte loads
+// GCC splits it into half-width vectors: 1.5x slower).
 template <typename S, typename T, bool kValue, bool kGrad>
 IWAE_INLINE void block_epilogue(S* __restrict__ L, const T* __restrict__ bias,
                                 const T* __restrict__ x, const T* __restrict__ g, T* __restrict__ out,
                                 double* __restrict__ db, int64_t r0, int64_t rows, int64_t B,
                                 int64_t D) {
+  constexpr bool kWiden = !std::is_same_v<S, T>;
+  std::unique_ptr<T[]> wide(kWiden ? new T[D] : nullptr);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = r0 + r;
     S* lr = L + r * D;
-    const double v = row_epilogue<S, T, kValue, kGrad>(lr, bias, x + (row % B) * D,
-                                                       g != nullptr ? g[row] : T(1), D);
+    T* lt;
+    if constexpr (kWiden) {
+      lt = wide.get();
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) lt[d] = cpu_math::widen(lr[d]);
+    } else {
+      lt = lr;
+    }
+    const double v = row_epilogue<T, kValue, kGrad>(lt, bias, x + (row % B) * D,
+                                                    g != nullptr ? g[row] : T(1), D);
+    if constexpr (kWiden && kGrad) {
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) cpu_math::narrow_into(lr + d, lt[d]);
+    }
     if constexpr (kValue) out[row] = static_cast<T>(v);
     if constexpr (kGrad) {
       if (db != nullptr) {
