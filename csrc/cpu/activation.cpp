@@ -1,12 +1,15 @@
 // CPU kernels of the fused activation ops (csrc/activation.h): rows (forward, for the bias)
 // or flat ranges (backward) split with at::parallel_for; each loop is compiled for AVX-512,
 // AVX2 and the baseline ISA (simd.h), bfloat16 read and written through fast_math.h's
-// widen / narrow_into.
+// widen / narrow_into in loops of their own.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
 
 #include "../activation.h"
 #include "fast_math.h"
@@ -24,6 +27,12 @@ IWAE_INLINE void store(float* d, double v) { *d = static_cast<float>(v); }
 IWAE_INLINE void store(double* d, double v) { *d = v; }
 IWAE_INLINE void store(c10::BFloat16* d, float v) { cpu_math::narrow_into(d, v); }
 
+// The forward widens bfloat16 into a buffer of float, runs the activation there and rounds the
+// result back, each in a loop of its own, kChunk elements at a time: in one loop with the
+// 2-byte loads and stores GCC splits the float arithmetic into half-width vectors (1.2x
+// slower here; the backward's few operations lose nothing that way).
+constexpr int64_t kChunk = 512;
+
 // Rows r0..r1 of [rows, N]: out = act(a + bias) (bias nullable).
 template <Act K, typename S>
 IWAE_INLINE void forward_rows(const S* __restrict__ a, const S* __restrict__ bias, S* __restrict__ out,
@@ -34,13 +43,29 @@ IWAE_INLINE void forward_rows(const S* __restrict__ a, const S* __restrict__ bia
   for (int64_t r = r0; r < r1; ++r) {
     const S* __restrict__ ar = a + r * N;
     S* __restrict__ orow = out + r * N;
-    if (bias != nullptr) {
+    if constexpr (std::is_same_v<S, c10::BFloat16>) {
+      T buf[kChunk];
+      for (int64_t j0 = 0; j0 < N; j0 += kChunk) {
+        const int64_t c = std::min(kChunk, N - j0);
+        if (bias != nullptr) {
+#pragma omp simd
+          for (int64_t j = 0; j < c; ++j) buf[j] = widen(ar[j0 + j]) + widen(bias[j0 + j]);
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < c; ++j) buf[j] = widen(ar[j0 + j]);
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) buf[j] = act_forward<K, T>(buf[j], m);
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) store(orow + j0 + j, buf[j]);
+      }
+    } else if (bias != nullptr) {
 #pragma omp simd
       for (int64_t j = 0; j < N; ++j)
-        store(orow + j, act_forward<K, T>(static_cast<T>(widen(ar[j])) + static_cast<T>(widen(bias[j])), m));
+        store(orow + j, act_forward<K, T>(static_cast<T>(ar[j]) + static_cast<T>(bias[j]), m));
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) store(orow + j, act_forward<K, T>(static_cast<T>(widen(ar[j])), m));
+      for (int64_t j = 0; j < N; ++j) store(orow + j, act_forward<K, T>(static_cast<T>(ar[j]), m));
     }
   }
 }
