@@ -468,8 +468,10 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def _log_joint_and_grad(self, x: Tensor, z: Tensor, value: bool, low: dict | None = None):
-        """:meth:`log_joint_and_grad` on checked arguments; ``low`` (:meth:`_decoder_weights`):
-        the backward's products in its dtype where the output layer is fused."""
+        """:meth:`log_joint_and_grad` on checked arguments, also for z [..., B, Z] with x [B, D]
+        (the fused output layer then reads x once for all leading rows); ``low``
+        (:meth:`_decoder_weights`): the backward's products in its dtype where the output layer
+        is fused."""
         dec = self.decoder
         body = dec.body if isinstance(dec, BernoulliDecoder) else dec.net.body
         layers = [(body[i], body[i + 1]) for i in range(0, len(body), 2)]
@@ -520,7 +522,8 @@ class VAE(nn.Module):
     @torch.no_grad()
     def _low_precision_grad(self, x: Tensor, z: Tensor, weights: dict) -> Tensor:
         """grad_z log p(x, z) with the decoder in ``weights['dtype']`` (see
-        :meth:`log_joint_and_grad`'s ``gradient_dtype``); x [C, D], z [C, Z] -> [C, Z] in z's dtype."""
+        :meth:`log_joint_and_grad`'s ``gradient_dtype``); x [B, D], z [..., B, Z] -> z's shape, in z's
+        dtype."""
         dtype, act = weights["dtype"], weights["activation"]
         hs, h = [], z.to(dtype)
         for w, b in weights["hidden"]:

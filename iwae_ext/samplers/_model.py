@@ -100,7 +100,7 @@ def model_ais_densities(model, x: Tensor, num_chains: int, init: str = "posterio
     interior = gradient_dtype(gradient_precision, p.dtype, p.device, fast, "model_ais_densities",
                               autocast=not fast)
     if fast:
-        grad_fn = _FastDensities(model, xr, loc, logvar, interior)
+        grad_fn = _FastDensities(model, x, loc, logvar, interior)
     else:
         def log_init(z: Tensor) -> Tensor:
             if init == "prior":
@@ -190,31 +190,39 @@ def _sample(dist, shape, generator, device) -> Tensor:
 class _FastDensities:
     """z -> (log_init, log_target, their gradients) with the hand-written decoder backward and
     q's analytic gradient; ``grads_only`` skips the density values (inside trajectories), with
-    the decoder in ``gradient_dtype`` (its weights cast once here) when one is given."""
+    the decoder in ``gradient_dtype`` (its weights cast once here) when one is given.
+
+    x is the batch's [B, D], not repeated per chain: the chains' rows (r * B + b) are viewed as
+    [R, B, Z] so that the fused output layer reads x [B, D] (cache-resident) for every chain
+    instead of an [R * B, D] copy (that traffic was most of its epilogue's time)."""
 
     def __init__(self, model, x, loc, logvar, gradient_dtype=None):
         self.model, self.x, self.loc, self.logvar = model, x, loc, logvar
         self.inv_var = None if loc is None else torch.exp(-logvar)
         self.weights = None
+        self.x_low = x
         if gradient_dtype is not None and gradient_dtype != x.dtype:
             self.weights = model._decoder_weights(gradient_dtype)
             if x.dtype != torch.float32:  # the fused op takes float32 or bfloat16 data
                 self.x_low = x.to(gradient_dtype)
-            else:
-                self.x_low = x
 
     def _grad_init(self, z):
         return -z if self.loc is None else -(z - self.loc) * self.inv_var
 
+    def _rows(self, z):
+        return z.view(-1, self.x.shape[0], z.shape[-1])
+
     def __call__(self, z: Tensor):
-        lt, gt = self.model._log_joint_and_grad(self.x, z, True, self.weights)
+        lt, gt = self.model._log_joint_and_grad(self.x, self._rows(z), True, self.weights)
         li = standard_normal_log_prob(z) if self.loc is None else normal_log_prob(z, self.loc, self.logvar)
-        return li, lt, self._grad_init(z), gt
+        return li, lt.reshape(-1), self._grad_init(z), gt.reshape(z.shape)
 
     def grads_only(self, z: Tensor):
         if self.weights is not None:
-            return self._grad_init(z), self.model._low_precision_grad(self.x_low, z, self.weights)
-        return self._grad_init(z), self.model.log_joint_and_grad(self.x, z, value=False)[1]
+            gt = self.model._low_precision_grad(self.x_low, self._rows(z), self.weights)
+        else:
+            gt = self.model._log_joint_and_grad(self.x, self._rows(z), False)[1]
+        return self._grad_init(z), gt.reshape(z.shape)
 
 
 def _hierarchical_sample(q, num_chains, generator):
