@@ -163,9 +163,9 @@ def _matmul_floor(fn):
         torch.mm(h.reshape(-1, h.shape[-1]), w.t())
         return h.new_zeros(h.shape[:-1])
 
-    def grad_h(h, w, b, x, value=True):
-        l = torch.mm(h, w.t())
-        return (h.new_zeros(h.shape[:-1]) if value else None), torch.mm(l, w)
+    def grad_h(h, w, b, x, value=True, low_weight=None):
+        l = torch.mm(h.reshape(-1, h.shape[-1]), w.t())
+        return (h.new_zeros(h.shape[:-1]) if value else None), torch.mm(l, w).view(h.shape)
 
     def run():
         saved = vae.bernoulli_log_prob, vae.bernoulli_log_prob_grad_h
