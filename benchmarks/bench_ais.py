@@ -49,7 +49,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, measure_interleaved, median, save, status_bytes, synchronize  # noqa: E402
+from common import measure_interleaved, median, save, status_bytes  # noqa: E402
 
 import iwae_ext  # noqa: E402
 from iwae_ext import _precision, samplers  # noqa: E402

@@ -19,7 +19,7 @@ import torch
 from torch.utils import benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, measure, save, synchronize  # noqa: E402
+from common import device_name, measure, save  # noqa: E402
 
 import iwae_ext  # noqa: E402
 from iwae_ext.ops import logmeanexp, logmeanexp_stats, reference  # noqa: E402

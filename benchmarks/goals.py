@@ -30,7 +30,6 @@ Goals (CPU; eager = the pure-PyTorch twin, `torch.logsumexp(x, dim) - log K` for
                  k = 5, batch 100 and at k = 50, batch 20; --precision bf16 >= 2x float32 there.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -297,7 +296,7 @@ def main():
             synchronize(a.device)
     seconds = time.perf_counter() - t0
     failed = [r for r in ROWS if r["verdict"] == FAIL]
-    print(f"\n| area | goal | figure | verdict |\n| --- | --- | --- | --- |")
+    print("\n| area | goal | figure | verdict |\n| --- | --- | --- | --- |")
     for r in ROWS:
         print(f"| {r['area']} | {r['goal']} | {r['figure']} | {r['verdict']} |")
     print(f"\n{len(ROWS) - len(failed)} of {len(ROWS)} goals met in {seconds:.0f} s")
