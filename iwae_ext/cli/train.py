@@ -36,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
     a("--latent-dim", type=int_list, default=S, dest="latent_dim",
       help="latent width(s), e.g. 50 or 100,50 (default: 50, or 100,50 for two layers)")
     a("--activation", choices=["tanh", "relu", "sigmoid"], default=S, help="(default tanh)")
+    a("--decoder-hidden", type=int_list, default=S, dest="decoder_hidden",
+      help="hidden widths of p(x|z1), from z1 toward x, e.g. 500 (default: the encoder's reversed)")
     a("--decoder", choices=["bernoulli", "gaussian"], default=S,
       help="likelihood (default: bernoulli for binary data, gaussian for frey)")
     a("--dataset", choices=sorted(DATASETS), default=S, help=f"(default {d.dataset})")
@@ -48,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule", choices=["burda"], default=S,
                    help="burda: stages i=0..7 of 3^i passes at lr 1e-3*10^(-i/7) (3,280 passes)")
     a("--lr", type=positive_float, default=S, help=f"Adam learning rate (default {d.lr})")
+    a("--weight-decay", type=float, dest="weight_decay", default=S,
+      help="l2 penalty (weight_decay/2)||theta||^2 on every parameter, through Adam (default 0)")
     a("--estimator", choices=["standard", "stl", "dreg"], default=S,
       help="encoder gradient estimator (default standard)")
     a("--kl", choices=["mc", "analytic"], default=S,
@@ -71,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
     a("--eval-batch-size", type=positive_int, dest="eval_batch_size", default=S, help=argparse.SUPPRESS)
     a("--train-eval-size", type=non_negative_int, dest="train_eval_size", default=S,
       help=f"training images for train_log_likelihood, 0 = all (default {d.train_eval_size})")
+    a("--test-every", type=non_negative_int, dest="test_every", default=S,
+      help="every N epochs, the test ELBO and L_k (the training k) in metrics.jsonl (default 0: never)")
     a("--subset", type=non_negative_int, default=S,
       help="train and evaluate on this many images of each split (a seeded random choice; smoke tests)")
     a("--seed", type=int, default=S, help=f"(default {d.seed})")

@@ -279,12 +279,15 @@ class VAE(nn.Module):
             networks' layers are :class:`BayesLinear`, with one weight draw per data point and
             per importance sample in ``log_weights`` (one stochastic layer only).
         rho_init: initial rho of the random weights (sigma = softplus(rho)).
+        decoder_hidden: the hidden widths of p(x|z1)'s MLP, from z1 toward x; default (None)
+            the mirror of the first encoder's, ``hidden[0]`` reversed.
     """
 
     def __init__(self, x_dim: int = 784, latent_dims: Sequence[int] = (50,),
                  hidden: Sequence | None = None, activation: str = "tanh",
                  likelihood: str = "bernoulli", x_mean: Tensor | None = None,
-                 random_weights: str = "none", rho_init: float = -5.0):
+                 random_weights: str = "none", rho_init: float = -5.0,
+                 decoder_hidden: Sequence[int] | None = None):
         super().__init__()
         latent_dims = tuple(int(d) for d in latent_dims)
         if len(latent_dims) not in (1, 2) or min(latent_dims) < 1:
@@ -302,12 +305,17 @@ class VAE(nn.Module):
         check_choice("random_weights", random_weights, RANDOM_WEIGHTS, "VAE")
         if random_weights != "none" and len(latent_dims) != 1:
             raise ValueError("VAE: random weights (IWAER) are implemented for one stochastic layer")
+        if decoder_hidden is not None:
+            decoder_hidden = tuple(int(w) for w in decoder_hidden)
+            if min(decoder_hidden, default=1) < 1:
+                raise ValueError(f"VAE: decoder_hidden must be positive widths, got {decoder_hidden}")
         if x_mean is not None and tuple(x_mean.shape) != (x_dim,):
             raise ValueError(f"VAE: x_mean must have shape [{x_dim}], got {tuple(x_mean.shape)}")
         self.config = {"x_dim": int(x_dim), "latent_dims": list(latent_dims),
                        "hidden": [list(h) for h in hidden], "activation": activation,
                        "likelihood": likelihood, "random_weights": random_weights,
-                       "rho_init": float(rho_init)}
+                       "rho_init": float(rho_init),
+                       "decoder_hidden": None if decoder_hidden is None else list(decoder_hidden)}
         self.x_dim, self.latent_dims = int(x_dim), latent_dims
         self.random_weights = random_weights
         bayes = lambda n_in, n_out: BayesLinear(n_in, n_out, rho_init)  # noqa: E731
@@ -322,7 +330,8 @@ class VAE(nn.Module):
             ConditionalGaussian(latent_dims[i + 1], hidden[i + 1][::-1], latent_dims[i], activation)
             for i in range(len(latent_dims) - 1))
         decoder = BernoulliDecoder if likelihood == "bernoulli" else GaussianDecoder
-        self.decoder = decoder(latent_dims[0], hidden[0][::-1], x_dim, activation, x_mean, dec_linear)
+        dec_hidden = hidden[0][::-1] if decoder_hidden is None else decoder_hidden
+        self.decoder = decoder(latent_dims[0], dec_hidden, x_dim, activation, x_mean, dec_linear)
 
     @property
     def latent_dim(self) -> int:

@@ -35,6 +35,9 @@ class TrainConfig:
     hidden: list | None = None  # per layer, e.g. [[200, 200]] (one layer) or [[200, 200], [100, 100]]
     latent_dim: list | None = None  # e.g. [50] or [100, 50]
     activation: str = "tanh"
+    # the hidden widths of p(x|z1)'s MLP, from z1 toward x, e.g. [500]; default: the mirror of
+    # the first encoder's (hidden[0] reversed). Lets an encoder be deeper than its decoder.
+    decoder_hidden: list | None = None
     decoder: str | None = None  # "bernoulli" / "gaussian"; default: what the data set suits
     dataset: str = "binarized_mnist"
     data_dir: str | None = None
@@ -43,6 +46,7 @@ class TrainConfig:
     epochs: int = 30
     schedule: str | None = None  # None: constant lr; "burda": 3^i passes at 1e-3 * 10^(-i/7)
     lr: float = 1e-3
+    weight_decay: float = 0.0  # an l2 penalty (weight_decay / 2) ||theta||^2 on every parameter (Adam's weight_decay)
     estimator: str = "standard"  # "standard", "stl", "dreg"
     kl: str | None = None  # "mc" or "analytic"; default analytic for a one-layer VAE, else mc
     prior_std: float | None = None  # random weights: N(0, s^2) prior, KL/N per minibatch
@@ -55,6 +59,9 @@ class TrainConfig:
     eval_k: int | None = None  # default 5000; 2000 for iwaer / iwaer_rec (Hernandez-Lobato et al.)
     eval_batch_size: int = 100
     train_eval_size: int = 2000  # training images for train_log_likelihood (0: all)
+    # every this many epochs (0: never) the test split's ELBO and L_k (k the training k, keyed draws)
+    # go into the epoch's record as test_elbo / test_bound: learning curves on held-out data
+    test_every: int = 0
     subset: int = 0  # > 0: train and test on this many images of each split (smoke tests)
     seed: int = 0
     device: str = "auto"
@@ -116,6 +123,21 @@ class TrainConfig:
                              f"{c.layers} layer(s)")
         c.decoder = c.decoder or dataset.likelihood
         check_choice("decoder", c.decoder, ("bernoulli", "gaussian"))
+        if c.decoder_hidden is not None:
+            ok = isinstance(c.decoder_hidden, (list, tuple)) and all(
+                isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in c.decoder_hidden)
+            if not ok:
+                raise ValueError(f"decoder_hidden must be a list of positive widths (e.g. [500]), "
+                                 f"got {c.decoder_hidden!r}")
+            c.decoder_hidden = list(c.decoder_hidden)
+        if not (isinstance(c.weight_decay, (int, float)) and math.isfinite(c.weight_decay)
+                and c.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {c.weight_decay!r}")
+        if not isinstance(c.test_every, int) or isinstance(c.test_every, bool) or c.test_every < 0:
+            raise ValueError(f"test_every must be an integer >= 0 (epochs; 0: never), got {c.test_every!r}")
+        if c.test_every and c.model == "ae":
+            raise ValueError("test_every: the ae model has no bound to follow (its metrics.json has the "
+                             "test reconstruction error)")
         if c.decoder == "bernoulli" and dataset.binarization == "none" and dataset.likelihood != "bernoulli":
             raise ValueError(f"decoder 'bernoulli' needs binary data; data set {dataset.name!r} is "
                              f"continuous: use --decoder gaussian")

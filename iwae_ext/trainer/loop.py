@@ -149,18 +149,18 @@ def _device(name: str) -> torch.device:
 def build_model(config: TrainConfig, dataset: Dataset) -> VAE:
     return VAE(dataset.x_dim, config.latent_dim, config.hidden, config.activation, config.decoder,
                x_mean=dataset.mean("train"), random_weights=KINDS[config.model].random_weights,
-               rho_init=config.rho_init)
+               rho_init=config.rho_init, decoder_hidden=config.decoder_hidden)
 
 
 def _init_from(model: VAE, path: str) -> VAE:
     """The model's parameters from a trained run: copied, or (deterministic run, random-weight
     model) used as the means of the random weights."""
     source = load_checkpoint(path)
-    arch = ("x_dim", "latent_dims", "hidden", "activation", "likelihood")
-    if any(source.config[k] != model.config[k] for k in arch):
+    arch = ("x_dim", "latent_dims", "hidden", "activation", "likelihood", "decoder_hidden")
+    if any(source.config.get(k) != model.config.get(k) for k in arch):
         raise ValueError(f"init_from {path}: the run's architecture "
-                         f"{ {k: source.config[k] for k in arch} } differs from this model's "
-                         f"{ {k: model.config[k] for k in arch} }")
+                         f"{ {k: source.config.get(k) for k in arch} } differs from this model's "
+                         f"{ {k: model.config.get(k) for k in arch} }")
     if source.random_weights == model.random_weights:
         model.load_state_dict(source.state_dict())
         return model
@@ -357,7 +357,7 @@ class _Run:
                              f"{self.world}: every rank needs a share of the global batch")
         self.kind = KINDS[config.model](config, self.model, device, self.n, self.world)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-4,
-                                    fused=True)
+                                    weight_decay=config.weight_decay, fused=True)
         self.epoch, self.step, self.history, self.train_seconds, self.resumed_sums = 0, 0, [], 0.0, None
         if ckpt is not None:
             self.model.load_state_dict(ckpt["model_state"])
@@ -477,6 +477,8 @@ class _Run:
         record = {"epoch": self.epoch + 1, "lr": lr, "train_bound": float(bound_sums.sum()) / count,
                   "objective": self.kind.describe(), "seconds": round(time.perf_counter() - t0, 3),
                   "train_seconds": round(self.train_seconds, 3), **self.kind.epoch_record(self.steps_per_epoch)}
+        if self.config.test_every and (self.epoch + 1) % self.config.test_every == 0:
+            record.update(self._test_curve())
         self.history.append(record)
         self.epoch, self.step = self.epoch + 1, 0
         self._checkpoint(torch.zeros(0, dtype=torch.float64))
@@ -486,6 +488,21 @@ class _Run:
         if self.world > 1 and self._any_rank(stop_requested()) and self.epoch < self.config.epochs:
             return True
         return False
+
+    def _test_curve(self) -> dict:
+        """The test split's ELBO and L_k (k = the training k) now, for a learning curve: the same
+        keyed draws at every epoch (common random numbers: the curve's steps are the model's,
+        not the draws'), computed alike on every rank (the history is the same everywhere)."""
+        from ..evaluate import bounds
+        c, t0 = self.config, time.perf_counter()
+        self.model.eval()
+        try:
+            b = bounds(self.model, self.dataset.split("test"), c.k, c.eval_batch_size,
+                       seed=key(c.seed, "test_curve"))
+        finally:
+            self.model.train()
+        return {"test_elbo": float(b.elbo.double().mean()), "test_bound": float(b.log_likelihood.double().mean()),
+                "test_seconds": round(time.perf_counter() - t0, 3)}
 
     def _steps(self, st: "_EpochState", stop_requested) -> bool:
         """The epoch's steps from ``self.step``: nothing read back to the host except every

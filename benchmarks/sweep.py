@@ -1,0 +1,198 @@
+"""Sweeps of independent training runs: side by side, sharded for cluster arrays, resumable.
+
+    from sweep import Run, run_sweep
+    runs = [Run("L1-M20", {"dataset": "frey", "k": 1, "batch_size": 20, ...}), ...]
+    run_sweep(runs, work_dir="runs/paper003/samples-vs-batch",
+              results_dir="benchmarks/results/paper003/samples-vs-batch", workers=2, shard=(0, 1))
+
+Each :class:`Run` is a name and :class:`iwae_ext.trainer.TrainConfig` fields. It trains in a
+process of its own with ``threads`` threads (default 1), so ``workers`` processes use that many
+cores; ``shard=(i, n)`` takes the runs whose position in the sweep is i modulo n, for cluster
+arrays (``--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``): every shard sees the same
+list and writes only its own runs' files.
+
+A finished run leaves ``results_dir/<name>.json`` (a few kilobytes: the run's config, its final
+metrics and its per-epoch history; no checkpoint), meant to be committed: a run whose file
+exists is skipped, so a sweep split over days, machines or shards continues where it stopped.
+A run in progress continues from ``work_dir/<name>/checkpoint.pt`` (the trainer's exact resume).
+SIGINT / SIGTERM (or ``time_limit`` seconds) ask every running training to checkpoint at its
+next step and stop; running the same command again continues.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+__all__ = ["Run", "run_sweep", "parse_shard", "load_results"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training of a sweep: ``name`` (a file name: letters, digits, ``-_.=``) and the
+    :class:`~iwae_ext.trainer.TrainConfig` fields that define it."""
+
+    name: str
+    config: dict
+
+    def __post_init__(self):
+        ok = self.name and all(c.isalnum() or c in "-_.=" for c in self.name)
+        if not ok or self.name.startswith("."):
+            raise ValueError(f"Run name must be letters, digits and -_.= only, got {self.name!r}")
+        for key in ("out", "resume", "progress"):
+            if key in self.config:
+                raise ValueError(f"Run {self.name!r}: config must not set {key!r} (the sweep does)")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n; a clear error otherwise."""
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"shard must be i/n (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard must be i/n with 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def result_path(results_dir: str, run: Run) -> str:
+    return os.path.join(results_dir, f"{run.name}.json")
+
+
+def load_results(results_dir: str, runs: list[Run]) -> dict[str, dict]:
+    """{name: result} of the runs finished so far."""
+    out = {}
+    for run in runs:
+        path = result_path(results_dir, run)
+        if os.path.isfile(path):
+            with open(path) as f:
+                out[run.name] = json.load(f)
+    return out
+
+
+def _child(config_json: str, run_dir: str, threads: int) -> int:
+    """One run, in its own process: trains (or resumes) into run_dir; 0 when finished, 130
+    when stopped with a checkpoint."""
+    import torch
+    torch.set_num_threads(threads)
+    import iwae_ext
+    config = json.loads(config_json)
+    resume = os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))
+    metrics = iwae_ext.train(**config, out=run_dir, resume=resume, progress=False)
+    return 130 if metrics.get("stopped") else 0
+
+
+def _write_result(results_dir: str, run: Run, run_dir: str):
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    history = []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        history = [json.loads(line) for line in f if line.strip()]
+    payload = {"name": run.name, "config": run.config, "metrics": metrics, "history": history}
+    os.makedirs(results_dir, exist_ok=True)
+    path = result_path(results_dir, run)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)  # never a half-written result
+
+
+def run_sweep(runs: list[Run], work_dir: str, results_dir: str, workers: int = 1,
+              shard: tuple[int, int] = (0, 1), threads: int = 1, time_limit: float | None = None,
+              should_stop=None, poll: float = 0.2, log=print) -> dict:
+    """Trains this shard's unfinished runs, ``workers`` at a time. ``should_stop()`` (optional)
+    is polled like the time limit. Returns {"done": [...], "stopped": [...], "failed": [...],
+    "skipped": [...]} (names; "stopped": checkpointed or not started). Raises on a repeated name."""
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError("run names must be unique within a sweep")
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    i, n = shard
+    mine = [r for pos, r in enumerate(runs) if pos % n == i]
+    todo = [r for r in mine if not os.path.isfile(result_path(results_dir, r))]
+    status = {"done": [], "stopped": [], "failed": [], "skipped": [r.name for r in mine if r not in todo]}
+    log(f"sweep: {len(runs)} runs, shard {i}/{n}: {len(mine)}; {len(status['skipped'])} finished before, "
+        f"{len(todo)} to train, {workers} at a time")
+    stop = {"reason": None}
+
+    def request(reason):
+        if stop["reason"] is None:
+            log(f"sweep: {reason}: the running trainings checkpoint and stop")
+            stop["reason"] = reason
+
+    old = {}
+    if sys.platform != "win32":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, lambda s, f: request(signal.Signals(s).name))
+    start = time.perf_counter()
+    running = {}
+    queue = list(todo)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    try:
+        while queue or running:
+            if time_limit is not None and time.perf_counter() - start >= time_limit:
+                request(f"time limit of {time_limit:g} s")
+            if should_stop is not None and should_stop():
+                request("stop requested")
+            while queue and len(running) < workers and stop["reason"] is None:
+                run = queue.pop(0)
+                run_dir = os.path.join(work_dir, run.name)
+                os.makedirs(run_dir, exist_ok=True)
+                logf = open(os.path.join(run_dir, "train.log"), "a")
+                resumed = os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))
+                logf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} sweep: "
+                           f"{'resume' if resumed else 'start'} {run.name}\n")
+                logf.flush()
+                cmd = [sys.executable, os.path.abspath(__file__), "--_run", json.dumps(run.config),
+                       run_dir, str(threads)]
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                        start_new_session=True)  # our signals reach it through us
+                running[run.name] = (run, proc, logf, run_dir)
+                log(f"sweep: {'resumed' if resumed else 'started'} {run.name}")
+            if stop["reason"] is not None:
+                status["stopped"] += [r.name for r in queue]
+                queue.clear()
+                for _, proc, _, _ in running.values():
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGTERM)
+            for name in list(running):
+                run, proc, logf, run_dir = running[name]
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                logf.close()
+                del running[name]
+                if rc == 0:
+                    _write_result(results_dir, run, run_dir)
+                    status["done"].append(name)
+                    log(f"sweep: finished {name}")
+                elif rc in (130, -signal.SIGTERM) and stop["reason"] is not None:
+                    status["stopped"].append(name)
+                else:
+                    status["failed"].append(name)
+                    log(f"sweep: {name} failed (exit status {rc}); see {os.path.join(run_dir, 'train.log')}")
+            time.sleep(poll)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for _, proc, logf, _ in running.values():  # an exception here: leave no training behind
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
+            logf.close()
+    return status
+
+
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--_run":
+    sys.exit(_child(sys.argv[2], sys.argv[3], int(sys.argv[4])))

@@ -1,0 +1,73 @@
+"""The sweep runner (benchmarks/sweep.py): side by side, sharded, skipped when finished, and a
+sweep stopped mid-way and resumed to the same numbers as one that ran through."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from sweep import Run, load_results, parse_shard, run_sweep  # noqa: E402
+
+TINY = {"hidden": [[16]], "latent_dim": [2], "subset": 64, "batch_size": 16, "eval_k": 5,
+        "train_eval_size": 32, "compile": False}
+
+
+def _tiny(name, epochs=2, seed=0, **kw):
+    return Run(name, dict(TINY, epochs=epochs, seed=seed, **kw))
+
+
+def _numbers(result):
+    """What a run computed (not how long it took)."""
+    m = result["metrics"]
+    keep = ("test_log_likelihood", "test_elbo", "train_log_likelihood", "train_elbo", "final_train_bound")
+    return ({k: m[k] for k in keep}, [h["train_bound"] for h in result["history"]])
+
+
+def test_parse_shard_and_names():
+    assert parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "1", "a/b", "0/0", "-1/2"):
+        with pytest.raises(ValueError, match="shard"):
+            parse_shard(bad)
+    with pytest.raises(ValueError, match="Run name"):
+        Run("a/b", {})
+    with pytest.raises(ValueError, match="must not set 'out'"):
+        Run("a", {"out": "x"})
+    with pytest.raises(ValueError, match="unique"):
+        run_sweep([_tiny("a"), _tiny("a")], "w", "r")
+
+
+def test_workers_shards_and_skip(tmp_path):
+    runs = [_tiny(f"r{i}", seed=i) for i in range(3)]
+    work, res = str(tmp_path / "work"), str(tmp_path / "res")
+    st = run_sweep(runs, work, res, workers=2, shard=(0, 2), log=lambda *a: None)
+    assert sorted(st["done"]) == ["r0", "r2"] and not st["failed"]  # every other run
+    assert sorted(load_results(res, runs)) == ["r0", "r2"]
+    st = run_sweep(runs, work, res, workers=2, log=lambda *a: None)
+    assert st["done"] == ["r1"] and sorted(st["skipped"]) == ["r0", "r2"]
+    r1 = json.load(open(os.path.join(res, "r1.json")))
+    assert r1["config"]["seed"] == 1 and len(r1["history"]) == 2
+    assert r1["metrics"]["threads"] == 1  # one thread per worker
+    assert not any(name.endswith(".pt") for name in os.listdir(res))  # results hold no checkpoint
+
+
+def test_stopped_sweep_resumes_to_the_same_numbers(tmp_path):
+    runs = [_tiny("long", epochs=6), _tiny("queued", epochs=2, seed=3)]
+    ref = str(tmp_path / "ref")
+    assert sorted(run_sweep(runs, ref + "/w", ref + "/r", log=lambda *a: None)["done"]) == ["long", "queued"]
+
+    work, res = str(tmp_path / "work"), str(tmp_path / "res")
+    jsonl = os.path.join(work, "long", "metrics.jsonl")
+
+    def after_two_epochs():
+        return os.path.isfile(jsonl) and sum(1 for _ in open(jsonl)) >= 2
+
+    st = run_sweep(runs, work, res, workers=1, should_stop=after_two_epochs, log=lambda *a: None)
+    assert sorted(st["stopped"]) == ["long", "queued"]
+    assert not st["done"] and os.path.isfile(os.path.join(work, "long", "checkpoint.pt"))
+    st = run_sweep(runs, work, res, workers=2, log=lambda *a: None)
+    assert sorted(st["done"]) == ["long", "queued"]
+    for name in ("long", "queued"):
+        a = json.load(open(os.path.join(ref, "r", f"{name}.json")))
+        b = json.load(open(os.path.join(res, f"{name}.json")))
+        assert _numbers(a) == _numbers(b)
