@@ -2,6 +2,7 @@
 
     python benchmarks/reproduce.py iwaer-table1 --out DIR [--device cuda] [--time-limit 540] [--resume]
     python benchmarks/reproduce.py iwaer-table1 --out DIR --device cpu --epochs 2 --limit 200 --eval-k 20  # smoke
+    python benchmarks/reproduce.py paper003 EXPERIMENT [--workers N] [--shard i/n]  # benchmarks/paper003.py
 
 iwaer-table1 (Hernandez-Lobato et al., IWAE with random network parameters, Table 1): IWAE, IWAER_rec
 and IWAER, 784-400-20 tanh, k = 25, batch 100, Adam (eps 1e-4) at lr 1e-3, 500 epochs on the
@@ -232,6 +233,11 @@ def write_table(spec, models, args):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["paper003"]:  # the AEVB reproduction's experiments: sweeps (benchmarks/paper003.py)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import paper003
+        return paper003.main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("paper", choices=sorted(PAPERS))

@@ -89,13 +89,15 @@ def _child(config_json: str, run_dir: str, threads: int) -> int:
     return 130 if metrics.get("stopped") else 0
 
 
-def _write_result(results_dir: str, run: Run, run_dir: str):
+def _write_result(results_dir: str, run: Run, run_dir: str, post=None):
     with open(os.path.join(run_dir, "metrics.json")) as f:
         metrics = json.load(f)
     history = []
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         history = [json.loads(line) for line in f if line.strip()]
     payload = {"name": run.name, "config": run.config, "metrics": metrics, "history": history}
+    if post is not None:  # what else the experiment keeps of the trained model (small)
+        payload["extras"] = post(run, run_dir)
     os.makedirs(results_dir, exist_ok=True)
     path = result_path(results_dir, run)
     tmp = path + ".tmp"
@@ -107,9 +109,10 @@ def _write_result(results_dir: str, run: Run, run_dir: str):
 
 def run_sweep(runs: list[Run], work_dir: str, results_dir: str, workers: int = 1,
               shard: tuple[int, int] = (0, 1), threads: int = 1, time_limit: float | None = None,
-              should_stop=None, poll: float = 0.2, log=print) -> dict:
+              should_stop=None, post=None, poll: float = 0.2, log=print) -> dict:
     """Trains this shard's unfinished runs, ``workers`` at a time. ``should_stop()`` (optional)
-    is polled like the time limit. Returns {"done": [...], "stopped": [...], "failed": [...],
+    is polled like the time limit; ``post(run, run_dir)`` (optional) returns a small dict kept
+    in the run's result file as "extras" (e.g. numbers computed from its checkpoint). Returns {"done": [...], "stopped": [...], "failed": [...],
     "skipped": [...]} (names; "stopped": checkpointed or not started). Raises on a repeated name."""
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
@@ -174,7 +177,7 @@ def run_sweep(runs: list[Run], work_dir: str, results_dir: str, workers: int = 1
                 logf.close()
                 del running[name]
                 if rc == 0:
-                    _write_result(results_dir, run, run_dir)
+                    _write_result(results_dir, run, run_dir, post)
                     status["done"].append(name)
                     log(f"sweep: finished {name}")
                 elif rc in (130, -signal.SIGTERM) and stop["reason"] is not None:

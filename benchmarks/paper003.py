@@ -1,0 +1,348 @@
+"""The experiments of Nicholson, Tebbutt and Budzianowski's reproduction of Kingma and Welling's
+Auto-Encoding Variational Bayes (paper 003), one command each:
+
+    python benchmarks/reproduce.py paper003 EXPERIMENT [--workers 2] [--shard i/n] [--time-limit S]
+    python benchmarks/reproduce.py paper003 EXPERIMENT --report   # the figure and table only
+    python benchmarks/reproduce.py paper003 list
+
+Each experiment is a sweep of independent trainings (benchmarks/sweep.py): ``--workers N`` trains
+N at a time with one thread each, ``--shard i/n`` takes every n-th run (cluster arrays), and a
+finished run leaves benchmarks/results/paper003/EXPERIMENT/<run>.json (committed; such runs are
+skipped, a stopped run continues from its checkpoint under --work-dir). When every run of the
+experiment has its file, the figure (docs/figures/paper003-EXPERIMENT.png) and the table
+(benchmarks/results/paper003/EXPERIMENT.md) are written.
+
+The protocol is the report's where it gives one and Kingma and Welling's where it is silent;
+the rest is ours and said so (PROTOCOL below). ``--smoke``: tiny budgets and a reduced grid (the
+test suite's run), into a separate results directory.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from sweep import Run, load_results, parse_shard, run_sweep  # noqa: E402
+
+TITLE = ("Nicholson, Tebbutt, Budzianowski: reproduction of Kingma and Welling, "
+         "Auto-Encoding Variational Bayes")
+PROTOCOL = (
+    "Both data sets as bundled or in ../shared/data: binarized MNIST (50,000 training, 10,000 test "
+    "images; Bernoulli decoder) and Frey Face (1,565 training, 200 test; Gaussian decoder). One "
+    "hidden layer of 500 tanh units for MNIST and 200 for Frey Face in the encoder and the "
+    "decoder (Kingma and Welling's sizes), the ELBO estimator L^B (closed-form KL) with L samples "
+    "per data point, Adam at lr 1e-3 (ours: Kingma and Welling used Adagrad with a weight prior), "
+    "seed 0, one thread per run. Bounds are per data point in nats: the ELBO on the whole test "
+    "split and on the whole training split (Frey) or 2,000 training images (MNIST), estimated "
+    "with 100 samples per image.")
+
+MNIST = {"dataset": "binarized_mnist", "model": "vae", "k": 1, "hidden": [[500]], "batch_size": 100,
+         "eval_k": 100, "train_eval_size": 2000, "compile": False}
+FREY = {"dataset": "frey", "model": "vae", "hidden": [[200]], "latent_dim": [10], "eval_k": 100,
+        "train_eval_size": 0, "compile": False}
+
+
+@dataclasses.dataclass
+class Experiment:
+    name: str
+    section: str
+    what: str
+    budget: str  # the training budget and how it relates to the report's
+    runs: list  # (name, config) pairs
+    smoke_names: list  # the runs the smoke test keeps
+    finding: str  # the report's own finding, quoted in spirit
+
+
+def _mnist_epochs(smoke):
+    return 2 if smoke else 100
+
+
+def experiments(data_dir: str | None = None, smoke: bool = False) -> dict[str, Experiment]:
+    extra = {"data_dir": data_dir} if data_dir else {}
+    tiny = {"subset": 120, "train_eval_size": 40, "eval_k": 5} if smoke else {}
+    mnist_epochs = _mnist_epochs(smoke)
+    mnist = dict(MNIST, epochs=mnist_epochs, test_every=1 if smoke else 5, **extra, **tiny)
+    frey = dict(FREY, epochs=2 if smoke else 2000, **extra, **tiny)
+    exps = {}
+
+    runs = [(f"L{L}-M{M}", dict(frey, k=L, batch_size=M)) for M in (20, 60, 100, 140) for L in range(1, 9)]
+    exps["samples-vs-batch"] = Experiment(
+        "samples-vs-batch", "4.2, figure 3",
+        "Frey Face: L = 1..8 samples per data point against batch size M in {20, 60, 100, 140}, "
+        "N_z = 10 (ours: the report does not give it), 2,000 epochs each, 32 models",
+        "the report's 2,000 epochs", runs, ["L1-M20", "L2-M20", "L1-M100", "L2-M100"],
+        "test bound best at L = 2, M = 100, and invariant to L for M > 20; train bound best at "
+        "M = 20, where L matters most; for larger M the train bound is invariant to L")
+
+    runs = [(f"depth{d}", dict(mnist, hidden=[[500] * d], decoder_hidden=[500], latent_dim=[10]))
+            for d in (1, 2, 3, 4)]
+    exps["encoder-depth"] = Experiment(
+        "encoder-depth", "4.3, figure 4",
+        "MNIST: encoders of 1 to 4 hidden layers of 500 units, a decoder of one, N_z = 10",
+        f"{mnist_epochs} epochs (5 million training samples; the report's curves run to about 10^8)",
+        runs, ["depth1", "depth2"],
+        "two hidden layers slightly better than one; no substantial gain from more; four fail to learn")
+
+    runs = [(f"{kl}-z{z}", dict(mnist, latent_dim=[z], kl=kl)) for z in (3, 5, 10, 20, 200)
+            for kl in ("mc", "analytic")]
+    exps["estimators"] = Experiment(
+        "estimators", "4.4, figure 5",
+        "MNIST: L^A (Monte Carlo KL) against L^B (closed-form KL), L = 1, N_z in {3, 5, 10, 20, 200} "
+        "(Kingma and Welling's)", f"{mnist_epochs} epochs (5 million training samples)", runs,
+        ["mc-z3", "analytic-z3"],
+        "L^B substantially better than L^A at L = 1 for every N_z")
+
+    runs = [(act, dict(mnist, latent_dim=[10], activation=act)) for act in ("tanh", "sigmoid", "relu")]
+    exps["activations"] = Experiment(
+        "activations", "4.5, figure 6", "MNIST: tanh, sigmoid and ReLU hidden units, N_z = 10",
+        f"{mnist_epochs} epochs (5 million training samples)", runs, ["tanh", "relu"],
+        "ReLU learns fastest, with no substantial gain over tanh; sigmoid learns slowest, reaches "
+        "the lowest bound and takes about 20% longer per epoch")
+
+    ae = dict(mnist, test_every=0, weight_decay=1e-4)
+    runs = [(f"{m}-z{z}", dict(ae, model=m, latent_dim=[z])) for z in (2, 5, 10, 20, 50) for m in ("ae", "vae")]
+    exps["ae-vs-vae"] = Experiment(
+        "ae-vs-vae", "5, figures 7 and 8",
+        "MNIST: a vanilla autoencoder (squared error) and the VAE, one hidden layer of 500 tanh units, "
+        "the same l2 weight penalty (1e-4, ours) on both, latent sizes 2, 5, 10, 20, 50; "
+        "reconstruction MSE per pixel of the decoder mean at the encoder mean on the test split",
+        f"{mnist_epochs} epochs", runs, ["ae-z2", "vae-z2"],
+        "the VAE reconstructs better than the AE at every latent size, the gap growing with it")
+
+    runs = [("vae", dict(mnist, latent_dim=[10])),
+            ("full-vb", dict(mnist, latent_dim=[10], model="iwaer", prior_std=1.0))]
+    exps["full-vb"] = Experiment(
+        "full-vb", "6",
+        "MNIST: full variational Bayes (a Gaussian posterior over every weight, N(0, 1) prior, "
+        "KL/N per minibatch; --model iwaer --prior-std 1 at k = 1) against the VAE, N_z = 10",
+        f"{mnist_epochs} epochs", runs, ["vae", "full-vb"],
+        "the bound rises extremely slowly, the training bound much faster than the validation one, "
+        "and the model learns to reconstruct nothing, also when started from a trained VAE")
+    for e in exps.values():
+        if smoke:
+            e.runs = [(n, c) for n, c in e.runs if n in e.smoke_names]
+    return exps
+
+
+def sweep_runs(exp: Experiment) -> list[Run]:
+    return [Run(name, config) for name, config in exp.runs]
+
+
+RECON_IMAGES = 8  # the first test images, reconstructed by every ae-vs-vae run (figure 8)
+
+
+def reconstruction_extras(run: Run, run_dir: str) -> dict:
+    """The test MSE per pixel of the decoder mean at the encoder mean (the same function for the
+    AE and the VAE) and the first test images' reconstructions, as bytes (0-255, base64)."""
+    import base64
+
+    import torch
+
+    from iwae_ext import evaluate
+    from iwae_ext.data import load_dataset
+    from iwae_ext.trainer import load_checkpoint
+    from iwae_ext.trainer.loop import _subset
+    cfg = run.config
+    data = load_dataset(cfg.get("dataset", "binarized_mnist"), cfg.get("data_dir"))
+    if cfg.get("subset"):
+        data = _subset(data, cfg["subset"], cfg.get("seed", 0))
+    x = data.split("test")
+    model = load_checkpoint(os.path.join(run_dir, "checkpoint.pt")).eval()
+    with torch.no_grad():
+        mse = float(evaluate.squared_error(model, x).mean()) / x.shape[1]
+        xs = x[:RECON_IMAGES]
+        q = model.posterior(xs)
+        mean = model.decoder.mean(model.decoder(q.loc))
+    def b64(t):
+        return base64.b64encode((t.clamp(0, 1) * 255).round().to(torch.uint8).numpy().tobytes()).decode()
+
+    return {"test_mse": mse, "reconstructions": b64(mean), "originals": b64(xs),
+            "reconstruction_shape": [xs.shape[0], *data.image_shape]}
+
+
+# ---- reports ------------------------------------------------------------------------------------
+
+
+def _curve(result, key):
+    """(training samples seen, value) at every epoch whose record has key."""
+    n = result["metrics"]["config"].get("subset") or None
+    per_epoch = n or _n_train(result)
+    return [(h["epoch"] * per_epoch, h[key]) for h in result["history"] if key in h]
+
+
+def _n_train(result):
+    c = result["metrics"]["config"]
+    return {"binarized_mnist": 50000, "frey": 1565}.get(c["dataset"], 0)
+
+
+def _table(exp: Experiment, results: dict) -> list[str]:
+    lines = [f"# paper003 {exp.name} (section {exp.section})", "", exp.what + ".", "",
+             f"Budget: {exp.budget}. Protocol: {PROTOCOL}", ""]
+    ae = exp.name == "ae-vs-vae"
+    head = ("| run | epochs | test MSE per pixel | train MSE (AE) | test ELBO (VAE) | s/epoch |" if ae else
+            "| run | epochs | test ELBO | train ELBO | test L_100 | s/epoch |")
+    lines += [head, "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, _ in exp.runs:
+        m = results[name]["metrics"]
+        spe = m["timings"]["seconds_per_epoch"]
+        if ae:
+            lines.append(f"| {name} | {m['epochs']} | {results[name]['extras']['test_mse']:.5f} | "
+                         f"{m.get('train_mse', float('nan')):.5f} | "
+                         f"{m.get('test_elbo', float('nan')):.2f} | {spe:.2f} |")
+        else:
+            lines.append(f"| {name} | {m['epochs']} | {m['test_elbo']:.2f} | {m['train_elbo']:.2f} | "
+                         f"{m['test_log_likelihood']:.2f} | {spe:.2f} |")
+    lines += ["", f"The report's finding: {exp.finding}."]
+    return lines
+
+
+def _figure(exp: Experiment, results: dict, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if exp.name == "samples-vs-batch":
+        Ls = sorted({int(n.split("-")[0][1:]) for n, _ in exp.runs})
+        Ms = sorted({int(n.split("-")[1][1:]) for n, _ in exp.runs})
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for ax, key, title in zip(axes, ("train_elbo", "test_elbo"), ("train", "test")):
+            grid = [[results[f"L{L}-M{M}"]["metrics"][key] for L in Ls] for M in Ms]
+            im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
+            ax.set_xticks(range(len(Ls)), Ls)
+            ax.set_yticks(range(len(Ms)), Ms)
+            ax.set_xlabel("samples per data point L")
+            ax.set_ylabel("batch size M")
+            ax.set_title(f"{title} ELBO (nats per image)")
+            for i, row in enumerate(grid):
+                for j, v in enumerate(row):
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w")
+            fig.colorbar(im, ax=ax)
+    elif exp.name == "ae-vs-vae":
+        import base64
+
+        import numpy as np
+        zs = sorted({int(n.split("-z")[1]) for n, _ in exp.runs})
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 1.6]})
+        for model in ("ae", "vae"):
+            ax.plot(zs, [results[f"{model}-z{z}"]["extras"]["test_mse"] for z in zs], "o-", label=model.upper())
+        ax.set_xscale("log")
+        ax.set_xlabel("latent size")
+        ax.set_ylabel("test reconstruction MSE per pixel")
+        ax.legend()
+        def images(e, field):
+            n, h, w = e["reconstruction_shape"]
+            img = np.frombuffer(base64.b64decode(e[field]), dtype=np.uint8).reshape(n, h, w)
+            return np.concatenate(list(img), axis=1), n, h
+
+        first = results[f"ae-z{zs[0]}"]["extras"]
+        row, n, h = images(first, "originals")
+        rows, labels = [row], ["test image"]
+        for z in zs:
+            for model in ("ae", "vae"):
+                rows.append(images(results[f"{model}-z{z}"]["extras"], "reconstructions")[0])
+                labels.append(f"{model.upper()} z={z}")
+        ax2.imshow(np.concatenate(rows, axis=0), cmap="gray")
+        ax2.set_yticks([(i + 0.5) * h for i in range(len(labels))], labels, fontsize=7)
+        ax2.set_xticks([])
+        ax2.set_title(f"reconstructions of the first {n} test images")
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
+        for name, _ in exp.runs:
+            r = results[name]
+            for ax, key, title in zip(axes, ("train_bound", "test_elbo"), ("train", "test")):
+                pts = _curve(r, key)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
+                ax.set_xscale("log")
+                ax.set_xlabel("training samples seen")
+                ax.set_ylabel(f"{title} bound (nats per image)")
+        axes[1].legend(fontsize=7)
+    fig.suptitle(f"paper003 {exp.name}: {exp.budget}", fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(exp: Experiment, results_dir: str, figure_path: str) -> bool:
+    """Writes the table (results_dir/../<name>.md, .json) and the figure when every run is done."""
+    results = load_results(results_dir, sweep_runs(exp))
+    missing = [n for n, _ in exp.runs if n not in results]
+    if missing:
+        print(f"paper003 {exp.name}: {len(missing)} of {len(exp.runs)} runs not finished "
+              f"({', '.join(missing[:6])}{'...' if len(missing) > 6 else ''})")
+        return False
+    lines = _table(exp, results)
+    base = results_dir.rstrip(os.sep)
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    summary = {"experiment": exp.name, "section": exp.section, "what": exp.what, "budget": exp.budget,
+               "protocol": PROTOCOL, "finding": exp.finding,
+               "runs": {n: {**{k: results[n]["metrics"].get(k) for k in
+                               ("test_elbo", "train_elbo", "test_log_likelihood", "epochs")},
+                               "test_mse": results[n].get("extras", {}).get("test_mse"),
+                               "seconds_per_epoch": results[n]["metrics"]["timings"]["seconds_per_epoch"]}
+                        for n, _ in exp.runs}}
+    with open(base + ".json", "w") as f:
+        json.dump(summary, f, indent=1)
+        f.write("\n")
+    _figure(exp, results, figure_path)
+    print("\n".join(lines))
+    return True
+
+
+def main(argv) -> int:
+    p = argparse.ArgumentParser(prog="reproduce.py paper003", description=__doc__.split("\n\n")[0])
+    p.add_argument("experiment", help="an experiment's name, or 'list'")
+    p.add_argument("--workers", type=int, default=1, help="trainings side by side, one thread each")
+    p.add_argument("--shard", default="0/1", help="i/n: every n-th run from the i-th (cluster arrays)")
+    p.add_argument("--time-limit", type=float, dest="time_limit",
+                   help="seconds after which the running trainings checkpoint and stop")
+    p.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "paper003"),
+                   help="checkpoints and logs (not committed)")
+    p.add_argument("--results-dir", default=None,
+                   help="the runs' result files (default benchmarks/results/paper003, smoke: under --work-dir)")
+    p.add_argument("--figures-dir", default=None, help="default docs/figures (smoke: under --work-dir)")
+    p.add_argument("--data-dir", default=None, help="where frey_faces.npz is (default: $IWAE_EXT_DATA)")
+    p.add_argument("--report", action="store_true", help="the table and figure only (no training)")
+    p.add_argument("--smoke", action="store_true", help="tiny budgets and a reduced grid")
+    a = p.parse_args(argv)
+    exps = experiments(a.data_dir, a.smoke)
+    if a.experiment == "list":
+        for e in exps.values():
+            print(f"{e.name:18s} section {e.section:18s} {len(e.runs):3d} runs; {e.what}")
+        return 0
+    if a.experiment not in exps:
+        p.error(f"experiment must be one of {sorted(exps)} or 'list', got {a.experiment!r}")
+    try:
+        shard = parse_shard(a.shard)
+    except ValueError as e:
+        p.error(str(e))
+    if a.workers < 1:
+        p.error(f"--workers must be >= 1, got {a.workers}")
+    exp = exps[a.experiment]
+    sub = "paper003-smoke" if a.smoke else "paper003"
+    results_root = a.results_dir or (os.path.join(a.work_dir, "results") if a.smoke
+                                     else os.path.join(HERE, "results", sub))
+    results_dir = os.path.join(results_root, exp.name)
+    figures = a.figures_dir or (os.path.join(a.work_dir, "figures") if a.smoke
+                                else os.path.join(ROOT, "docs", "figures"))
+    figure_path = os.path.join(figures, f"{sub}-{exp.name}.png")
+    if not a.report:
+        st = run_sweep(sweep_runs(exp), os.path.join(a.work_dir, exp.name), results_dir, workers=a.workers,
+                       shard=shard, time_limit=a.time_limit,
+                       post=reconstruction_extras if exp.name == "ae-vs-vae" else None)
+        if st["failed"]:
+            print(f"paper003 {exp.name}: failed: {', '.join(st['failed'])}", file=sys.stderr)
+            return 1
+        if st["stopped"]:
+            print(f"paper003 {exp.name}: stopped; run the same command again to continue "
+                  f"({len(st['stopped'])} runs left in this shard)")
+            return 0
+    report(exp, results_dir, figure_path)
+    return 0
