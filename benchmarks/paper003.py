@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from sweep import Run, load_results, parse_shard, run_sweep  # noqa: E402
+from sweep import Run, history_records, load_results, parse_shard, run_sweep  # noqa: E402
 
 TITLE = ("Nicholson, Tebbutt, Budzianowski: reproduction of Kingma and Welling, "
          "Auto-Encoding Variational Bayes")
@@ -173,7 +173,7 @@ def _curve(result, key):
     """(training samples seen, value) at every epoch whose record has key."""
     n = result["metrics"]["config"].get("subset") or None
     per_epoch = n or _n_train(result)
-    return [(h["epoch"] * per_epoch, h[key]) for h in result["history"] if key in h]
+    return [(h["epoch"] * per_epoch, h[key]) for h in history_records(result["history"]) if key in h]
 
 
 def _n_train(result):

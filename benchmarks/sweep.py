@@ -12,7 +12,8 @@ arrays (``--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``): every shard s
 list and writes only its own runs' files.
 
 A finished run leaves ``results_dir/<name>.json`` (a few kilobytes: the run's config, its final
-metrics and its per-epoch history; no checkpoint), meant to be committed: a run whose file
+metrics and its per-epoch history as columns, at most 200 log-spaced epochs of a longer run; no
+checkpoint), meant to be committed: a run whose file
 exists is skipped, so a sweep split over days, machines or shards continues where it stopped.
 A run in progress continues from ``work_dir/<name>/checkpoint.pt`` (the trainer's exact resume).
 SIGINT / SIGTERM (or ``time_limit`` seconds) ask every running training to checkpoint at its
@@ -31,7 +32,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-__all__ = ["Run", "run_sweep", "parse_shard", "load_results"]
+__all__ = ["Run", "run_sweep", "parse_shard", "load_results", "compact_history", "history_records"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +90,45 @@ def _child(config_json: str, run_dir: str, threads: int) -> int:
     return 130 if metrics.get("stopped") else 0
 
 
+HISTORY_POINTS = 200  # epochs kept of a longer run's history (log-spaced, the last one included)
+
+
+def _kept_epochs(n: int) -> list[int]:
+    """The 0-based indices of the epochs a result keeps: all of up to HISTORY_POINTS, else
+    HISTORY_POINTS log-spaced ones (learning curves are drawn against log samples seen)."""
+    if n <= HISTORY_POINTS:
+        return list(range(n))
+    import math
+    keep = {min(n - 1, round(math.exp(math.log(n) * i / (HISTORY_POINTS - 1))) - 1) for i in range(HISTORY_POINTS)}
+    return sorted(keep | {n - 1})
+
+
+def compact_history(records: list[dict]) -> dict:
+    """metrics.jsonl's records as columns of their numbers (None where an epoch lacks one, e.g.
+    the test bounds of --test-every), at the epochs _kept_epochs chooses: a few kilobytes for a
+    run of thousands of epochs."""
+    rows = [records[i] for i in _kept_epochs(len(records))]
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    out = {k: [r.get(k) for r in rows] for k in keys}
+    text = sorted({str(r[k]) for r in rows for k, v in r.items() if isinstance(v, str)} if rows else [])
+    if text:
+        out["labels"] = text  # e.g. the objective's description
+    return out
+
+
+def history_records(history: dict) -> list[dict]:
+    """compact_history's columns back as one record per kept epoch (None fields left out)."""
+    cols = {k: v for k, v in history.items() if k != "labels"}
+    n = len(next(iter(cols.values()))) if cols else 0
+    return [{k: v[i] for k, v in cols.items() if v[i] is not None} for i in range(n)]
+
+
 def _write_result(results_dir: str, run: Run, run_dir: str, post=None):
     with open(os.path.join(run_dir, "metrics.json")) as f:
         metrics = json.load(f)
-    history = []
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        history = [json.loads(line) for line in f if line.strip()]
-    payload = {"name": run.name, "config": run.config, "metrics": metrics, "history": history}
+        records = [json.loads(line) for line in f if line.strip()]
+    payload = {"name": run.name, "config": run.config, "metrics": metrics, "history": compact_history(records)}
     if post is not None:  # what else the experiment keeps of the trained model (small)
         payload["extras"] = post(run, run_dir)
     os.makedirs(results_dir, exist_ok=True)

@@ -50,6 +50,6 @@ def test_smoke_run_writes_results_table_and_figure(tmp_path, experiment):
     if experiment == "ae-vs-vae":
         assert 0 < one["extras"]["test_mse"] < 1 and one["extras"]["reconstruction_shape"] == [8, 28, 28]
     elif experiment != "samples-vs-batch":
-        assert all("test_elbo" in h for h in one["history"])  # the learning curve on test data
+        assert all(v is not None for v in one["history"]["test_elbo"])  # the learning curve on test data
     r = _run(experiment, "--smoke", "--workers", "2", "--work-dir", work, "--data-dir", SHARED)
     assert r.returncode == 0 and "0 to train" in r.stdout  # finished runs are skipped

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from sweep import Run, load_results, parse_shard, run_sweep  # noqa: E402
+from sweep import Run, compact_history, history_records, load_results, parse_shard, run_sweep  # noqa: E402
 
 TINY = {"hidden": [[16]], "latent_dim": [2], "subset": 64, "batch_size": 16, "eval_k": 5,
         "train_eval_size": 32, "compile": False}
@@ -21,7 +21,7 @@ def _numbers(result):
     """What a run computed (not how long it took)."""
     m = result["metrics"]
     keep = ("test_log_likelihood", "test_elbo", "train_log_likelihood", "train_elbo", "final_train_bound")
-    return ({k: m[k] for k in keep}, [h["train_bound"] for h in result["history"]])
+    return ({k: m[k] for k in keep}, result["history"]["train_bound"])
 
 
 def test_parse_shard_and_names():
@@ -46,7 +46,7 @@ def test_workers_shards_and_skip(tmp_path):
     st = run_sweep(runs, work, res, workers=2, log=lambda *a: None)
     assert st["done"] == ["r1"] and sorted(st["skipped"]) == ["r0", "r2"]
     r1 = json.load(open(os.path.join(res, "r1.json")))
-    assert r1["config"]["seed"] == 1 and len(r1["history"]) == 2
+    assert r1["config"]["seed"] == 1 and r1["history"]["epoch"] == [1, 2]
     assert r1["metrics"]["threads"] == 1  # one thread per worker
     assert not any(name.endswith(".pt") for name in os.listdir(res))  # results hold no checkpoint
 
@@ -71,3 +71,18 @@ def test_stopped_sweep_resumes_to_the_same_numbers(tmp_path):
         a = json.load(open(os.path.join(ref, "r", f"{name}.json")))
         b = json.load(open(os.path.join(res, f"{name}.json")))
         assert _numbers(a) == _numbers(b)
+
+
+def test_compact_history_keeps_log_spaced_epochs_and_round_trips():
+    recs = [{"epoch": e, "train_bound": -100.0 + e / 1000, "objective": "elbo k=1"} for e in range(1, 2001)]
+    for e in (1000, 2000):
+        recs[e - 1]["test_elbo"] = -99.0
+    h = compact_history(recs)
+    assert len(h["epoch"]) <= 200 and h["epoch"][0] == 1 and h["epoch"][-1] == 2000
+    assert h["epoch"] == sorted(set(h["epoch"])) and h["labels"] == ["elbo k=1"]
+    back = history_records(h)
+    assert back[-1] == {"epoch": 2000, "train_bound": -98.0, "test_elbo": -99.0}
+    assert all(r == {k: v for k, v in recs[r["epoch"] - 1].items() if k != "objective"} for r in back)
+    short = compact_history(recs[:5])
+    assert short["epoch"] == [1, 2, 3, 4, 5] and "test_elbo" not in short
+    assert len(json.dumps(h)) < 12_000
