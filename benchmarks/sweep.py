@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -76,6 +77,15 @@ def load_results(results_dir: str, runs: list[Run]) -> dict[str, dict]:
             with open(path) as f:
                 out[run.name] = json.load(f)
     return out
+
+
+def _die_with_parent():
+    """In a run's process: SIGTERM (a checkpoint, then exit) when the sweep dies (Linux)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _child(config_json: str, run_dir: str, threads: int) -> int:
@@ -168,7 +178,7 @@ def run_sweep(runs: list[Run], work_dir: str, results_dir: str, workers: int = 1
             stop["reason"] = reason
 
     old = {}
-    if sys.platform != "win32":
+    if sys.platform != "win32" and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             old[sig] = signal.signal(sig, lambda s, f: request(signal.Signals(s).name))
     start = time.perf_counter()
@@ -193,7 +203,8 @@ def run_sweep(runs: list[Run], work_dir: str, results_dir: str, workers: int = 1
                 cmd = [sys.executable, os.path.abspath(__file__), "--_run", json.dumps(run.config),
                        run_dir, str(threads)]
                 proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                        start_new_session=True)  # our signals reach it through us
+                                        start_new_session=True,  # our signals reach it through us
+                                        preexec_fn=_die_with_parent if sys.platform == "linux" else None)
                 running[run.name] = (run, proc, logf, run_dir)
                 log(f"sweep: {'resumed' if resumed else 'started'} {run.name}")
             if stop["reason"] is not None:
