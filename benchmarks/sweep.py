@@ -115,9 +115,10 @@ def _kept_epochs(n: int) -> list[int]:
 
 def compact_history(records: list[dict]) -> dict:
     """metrics.jsonl's records as columns of their numbers (None where an epoch lacks one, e.g.
-    the test bounds of --test-every), at the epochs _kept_epochs chooses: a few kilobytes for a
-    run of thousands of epochs."""
-    rows = [records[i] for i in _kept_epochs(len(records))]
+    the test bounds of --test-every), at the epochs _kept_epochs chooses and every epoch with test
+    bounds: a few kilobytes for a run of thousands of epochs."""
+    kept = set(_kept_epochs(len(records))) | {i for i, r in enumerate(records) if "test_elbo" in r}
+    rows = [records[i] for i in sorted(kept)]
     keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     out = {k: [r.get(k) for r in rows] for k in keys}
     text = sorted({str(r[k]) for r in rows for k, v in r.items() if isinstance(v, str)} if rows else [])
