@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -171,14 +172,20 @@ def reconstruction_extras(run: Run, run_dir: str) -> dict:
 
 def _curve(result, key):
     """(training samples seen, value) at every epoch whose record has key."""
-    n = result["metrics"]["config"].get("subset") or None
-    per_epoch = n or _n_train(result)
+    per_epoch = _n_train(result["metrics"]["config"])
     return [(h["epoch"] * per_epoch, h[key]) for h in history_records(result["history"]) if key in h]
 
 
-def _n_train(result):
-    c = result["metrics"]["config"]
-    return {"binarized_mnist": 50000, "frey": 1565}.get(c["dataset"], 0)
+@functools.lru_cache(maxsize=None)
+def _n_train_of(dataset: str, data_dir: str | None, subset: int) -> int:
+    from iwae_ext.data import load_dataset
+    n = load_dataset(dataset, data_dir).split("train").shape[0]
+    return min(n, subset) if subset else n
+
+
+def _n_train(config: dict) -> int:
+    """The run's training images (its data set's training split, or its --subset of it)."""
+    return _n_train_of(config["dataset"], config.get("data_dir"), config.get("subset") or 0)
 
 
 def _table(exp: Experiment, results: dict) -> list[str]:

@@ -23,7 +23,6 @@ DIR/table.md and DIR/table.json beside the paper's numbers.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -33,6 +32,9 @@ import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sweep import die_with_parent  # noqa: E402  (the same guard for both runners)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,14 +73,6 @@ class _Stop:
             print(f"\nreproduce: {reason}: asking every run to checkpoint and stop", flush=True)
         self.requested = True
         self.reason = self.reason or reason
-
-
-def _die_with_parent():
-    """In a child: SIGTERM when the parent dies (Linux), so no run trains on unsupervised."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _read_state(run_dir: str, epochs: int):
@@ -235,7 +229,6 @@ def write_table(spec, models, args):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["paper003"]:  # the AEVB reproduction's experiments: sweeps (benchmarks/paper003.py)
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import paper003
         return paper003.main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -290,7 +283,7 @@ def main(argv=None) -> int:
         log.flush()
         cmd = _train_args(spec, m, args, run_dir, states[m][0] == "resume")
         procs[m] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None), log)
+                                     preexec_fn=die_with_parent if sys.platform == "linux" else None), log)
     t_start, first = time.perf_counter(), {m: _epochs_done(os.path.join(args.out, m)) for m in todo}
     last_print = 0.0
     while any(proc.poll() is None for proc, _ in procs.values()):

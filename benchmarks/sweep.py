@@ -79,8 +79,9 @@ def load_results(results_dir: str, runs: list[Run]) -> dict[str, dict]:
     return out
 
 
-def _die_with_parent():
-    """In a run's process: SIGTERM (a checkpoint, then exit) when the sweep dies (Linux)."""
+def die_with_parent():
+    """In a child process (``preexec_fn``): SIGTERM (a checkpoint, then exit) when its parent
+    dies (Linux), so no run trains on unsupervised."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -205,7 +206,7 @@ def run_sweep(runs: list[Run], work_dir: str, results_dir: str, workers: int = 1
                        run_dir, str(threads)]
                 proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                         start_new_session=True,  # our signals reach it through us
-                                        preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                        preexec_fn=die_with_parent if sys.platform == "linux" else None)
                 running[run.name] = (run, proc, logf, run_dir)
                 log(f"sweep: {'resumed' if resumed else 'started'} {run.name}")
             if stop["reason"] is not None:
