@@ -18,6 +18,12 @@ exists is skipped, so a sweep split over days, machines or shards continues wher
 A run in progress continues from ``work_dir/<name>/checkpoint.pt`` (the trainer's exact resume).
 SIGINT / SIGTERM (or ``time_limit`` seconds) ask every running training to checkpoint at its
 next step and stop; running the same command again continues.
+
+A run may start from another run's trained weights (``Run(name, config, init_from_run=other)``:
+the trainer's ``init_from`` with ``work_dir/<other>/checkpoint.pt``). It starts once ``other``
+has finished, and needs that run's checkpoint in ``work_dir``: a run finished elsewhere (its
+result file only) or in another shard that has not finished yet leaves it waiting, said so by
+name, until the command runs again where the checkpoint is.
 """
 from __future__ import annotations
 
@@ -39,10 +45,12 @@ __all__ = ["Run", "run_sweep", "parse_shard", "load_results", "compact_history",
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One training of a sweep: ``name`` (a file name: letters, digits, ``-_.=``) and the
-    :class:`~iwae_ext.trainer.TrainConfig` fields that define it."""
+    :class:`~iwae_ext.trainer.TrainConfig` fields that define it; ``init_from_run``: the name
+    of a run of the same sweep whose trained weights this one starts from (after it finished)."""
 
     name: str
     config: dict
+    init_from_run: str | None = None
 
     def __post_init__(self):
         ok = self.name and all(c.isalnum() or c in "-_.=" for c in self.name)
@@ -51,6 +59,11 @@ class Run:
         for key in ("out", "resume", "progress"):
             if key in self.config:
                 raise ValueError(f"Run {self.name!r}: config must not set {key!r} (the sweep does)")
+        if self.init_from_run is not None:
+            if "init_from" in self.config:
+                raise ValueError(f"Run {self.name!r}: give init_from or init_from_run, not both")
+            if self.init_from_run == self.name:
+                raise ValueError(f"Run {self.name!r}: init_from_run names the run itself")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -141,6 +154,8 @@ def _write_result(results_dir: str, run: Run, run_dir: str, post=None):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     payload = {"name": run.name, "config": run.config, "metrics": metrics, "history": compact_history(records)}
+    if run.init_from_run is not None:
+        payload["init_from_run"] = run.init_from_run
     if post is not None:  # what else the experiment keeps of the trained model (small)
         payload["extras"] = post(run, run_dir)
     os.makedirs(results_dir, exist_ok=True)
@@ -157,11 +172,16 @@ def run_sweep(runs: list[Run], work_dir: str, results_dir: str, workers: int = 1
               should_stop=None, post=None, poll: float = 0.2, log=print) -> dict:
     """Trains this shard's unfinished runs, ``workers`` at a time. ``should_stop()`` (optional)
     is polled like the time limit; ``post(run, run_dir)`` (optional) returns a small dict kept
-    in the run's result file as "extras" (e.g. numbers computed from its checkpoint). Returns {"done": [...], "stopped": [...], "failed": [...],
-    "skipped": [...]} (names; "stopped": checkpointed or not started). Raises on a repeated name."""
+    in the run's result file as "extras" (e.g. numbers computed from its checkpoint). Returns
+    {"done": [...], "stopped": [...], "failed": [...], "skipped": [...], "waiting": [...]} (names;
+    "stopped": checkpointed or not started; "waiting": the run it starts from is not finished here,
+    see :class:`Run`). Raises on a repeated name or an unknown ``init_from_run``."""
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ValueError("run names must be unique within a sweep")
+    for r in runs:
+        if r.init_from_run is not None and r.init_from_run not in names:
+            raise ValueError(f"Run {r.name!r}: init_from_run {r.init_from_run!r} is not a run of this sweep")
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     if not isinstance(threads, int) or threads < 1:
@@ -169,7 +189,8 @@ def run_sweep(runs: list[Run], work_dir: str, results_dir: str, workers: int = 1
     i, n = shard
     mine = [r for pos, r in enumerate(runs) if pos % n == i]
     todo = [r for r in mine if not os.path.isfile(result_path(results_dir, r))]
-    status = {"done": [], "stopped": [], "failed": [], "skipped": [r.name for r in mine if r not in todo]}
+    status = {"done": [], "stopped": [], "failed": [], "skipped": [r.name for r in mine if r not in todo],
+              "waiting": []}
     log(f"sweep: {len(runs)} runs, shard {i}/{n}: {len(mine)}; {len(status['skipped'])} finished before, "
         f"{len(todo)} to train, {workers} at a time")
     stop = {"reason": None}
@@ -186,15 +207,49 @@ def run_sweep(runs: list[Run], work_dir: str, results_dir: str, workers: int = 1
     start = time.perf_counter()
     running = {}
     queue = list(todo)
+    queued = {r.name for r in queue}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
+    def source(run):  # the checkpoint a run starts from, or None
+        return os.path.join(work_dir, run.init_from_run, "checkpoint.pt") if run.init_from_run else None
+
+    def ready(run):  # its source run finished here (result file and checkpoint)
+        if run.init_from_run is None:
+            return True
+        dep = next(r for r in runs if r.name == run.init_from_run)
+        return os.path.isfile(result_path(results_dir, dep)) and os.path.isfile(source(run))
+
+    def hopeless(run):  # its source cannot finish here in this call
+        dep = run.init_from_run
+        if dep is None or dep in queued or dep in running:
+            return False
+        return not ready(run)
+
     try:
         while queue or running:
             if time_limit is not None and time.perf_counter() - start >= time_limit:
                 request(f"time limit of {time_limit:g} s")
             if should_stop is not None and should_stop():
                 request("stop requested")
-            while queue and len(running) < workers and stop["reason"] is None:
-                run = queue.pop(0)
+            for run in [r for r in queue if hopeless(r)]:
+                queue.remove(run)
+                queued.discard(run.name)
+                status["waiting"].append(run.name)
+                dep = run.init_from_run
+                if dep in status["failed"] or dep in status["waiting"]:
+                    where = "did not finish in this call"
+                elif os.path.isfile(result_path(results_dir, next(r for r in runs if r.name == dep))):
+                    where = f"finished elsewhere: no checkpoint in {os.path.join(work_dir, dep)}"
+                else:
+                    where = "is in another shard and not finished"
+                log(f"sweep: {run.name} waits: it starts from {dep}, which {where}; run the sweep "
+                    f"again where {dep}'s checkpoint is")
+            while len(running) < workers and stop["reason"] is None:
+                run = next((r for r in queue if ready(r)), None)
+                if run is None:
+                    break
+                queue.remove(run)
+                queued.discard(run.name)
                 run_dir = os.path.join(work_dir, run.name)
                 os.makedirs(run_dir, exist_ok=True)
                 logf = open(os.path.join(run_dir, "train.log"), "a")
@@ -202,7 +257,8 @@ def run_sweep(runs: list[Run], work_dir: str, results_dir: str, workers: int = 1
                 logf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} sweep: "
                            f"{'resume' if resumed else 'start'} {run.name}\n")
                 logf.flush()
-                cmd = [sys.executable, os.path.abspath(__file__), "--_run", json.dumps(run.config),
+                config = dict(run.config, init_from=source(run)) if run.init_from_run else run.config
+                cmd = [sys.executable, os.path.abspath(__file__), "--_run", json.dumps(config),
                        run_dir, str(threads)]
                 proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                         start_new_session=True,  # our signals reach it through us

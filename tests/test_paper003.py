@@ -13,7 +13,7 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "reproduce.py")
 SHARED = os.environ.get("IWAE_EXT_TEST_DATA") or os.path.join(ROOT, "..", "shared", "data")
 EXPERIMENTS = {"samples-vs-batch": ["L1-M20", "L2-M20", "L1-M100", "L2-M100"],
                "encoder-depth": ["depth1", "depth2"], "estimators": ["mc-z3", "analytic-z3"],
-               "activations": ["tanh", "relu"], "ae-vs-vae": ["ae-z2", "vae-z2"], "full-vb": ["vae", "full-vb"]}
+               "activations": ["tanh", "relu"], "ae-vs-vae": ["ae-z2", "vae-z2"], "full-vb": ["vae", "full-vb", "full-vb-from-vae"]}
 
 
 def _run(*args, timeout=600):
@@ -51,5 +51,9 @@ def test_smoke_run_writes_results_table_and_figure(tmp_path, experiment):
         assert 0 < one["extras"]["test_mse"] < 1 and one["extras"]["reconstruction_shape"] == [8, 28, 28]
     elif experiment != "samples-vs-batch":
         assert all(v is not None for v in one["history"]["test_elbo"])  # the learning curve on test data
+    if experiment == "full-vb":  # started from the trained VAE's weights, after it finished
+        last = json.load(open(os.path.join(res, "full-vb-from-vae.json")))
+        assert last["init_from_run"] == "vae" and 0 < last["extras"]["test_mse"] < 1
+        assert "test MSE per pixel" in table
     r = _run(experiment, "--smoke", "--workers", "2", "--work-dir", work, "--data-dir", SHARED)
     assert r.returncode == 0 and "0 to train" in r.stdout  # finished runs are skipped

@@ -87,3 +87,37 @@ def test_compact_history_keeps_log_spaced_epochs_and_round_trips():
     short = compact_history(recs[:5])
     assert short["epoch"] == [1, 2, 3, 4, 5] and "test_elbo" not in short
     assert len(json.dumps(h)) < 12_000
+
+
+def test_a_run_starts_from_another_runs_weights_once_it_finished(tmp_path):
+    import torch
+
+    from iwae_ext.trainer import load_checkpoint
+    # listed first, with two workers: it still waits for its source to finish
+    runs = [Run("child", dict(TINY, epochs=1, lr=1e-12, seed=5), init_from_run="src"),
+            _tiny("other", epochs=1, seed=1), _tiny("src", epochs=2)]
+    work, res = str(tmp_path / "work"), str(tmp_path / "res")
+    said = []
+    # the shard 1/2 of [other, child, src] holds child only: its source is in shard 0/2
+    st = run_sweep([runs[1], runs[0], runs[2]], work, res, shard=(1, 2), log=said.append)
+    assert st["waiting"] == ["child"] and not st["done"]
+    assert any("child waits" in s and "another shard" in s for s in said)
+    st = run_sweep(runs, work, res, workers=2, log=said.append)
+    assert sorted(st["done"]) == ["child", "other", "src"] and not st["waiting"]
+    assert said.index("sweep: finished src") < said.index("sweep: started child")
+    a = load_checkpoint(os.path.join(work, "src", "checkpoint.pt")).state_dict()
+    b = load_checkpoint(os.path.join(work, "child", "checkpoint.pt")).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # lr 1e-12: the source's weights
+    assert json.load(open(os.path.join(res, "child.json")))["init_from_run"] == "src"
+    # the source finished elsewhere (its result file only): the run waits and says why
+    os.remove(os.path.join(res, "child.json"))
+    import shutil
+    shutil.rmtree(os.path.join(work, "src"))
+    shutil.rmtree(os.path.join(work, "child"))
+    said.clear()
+    st = run_sweep(runs, work, res, log=said.append)
+    assert st["waiting"] == ["child"] and any("no checkpoint in" in s for s in said)
+    with pytest.raises(ValueError, match="not a run of this sweep"):
+        run_sweep([Run("a", {}, init_from_run="b")], work, res)
+    with pytest.raises(ValueError, match="not both"):
+        Run("a", {"init_from": "x"}, init_from_run="b")
