@@ -74,6 +74,7 @@ def experiments(data_dir: str | None = None, smoke: bool = False) -> dict[str, E
     extra = {"data_dir": data_dir} if data_dir else {}
     tiny = {"subset": 120, "train_eval_size": 40, "eval_k": 5} if smoke else {}
     mnist_epochs = _mnist_epochs(smoke)
+    seen = f"{mnist_epochs * (tiny['subset'] if smoke else 50_000):,} training samples"
     mnist = dict(MNIST, epochs=mnist_epochs, test_every=1 if smoke else 5, **extra, **tiny)
     frey = dict(FREY, epochs=2 if smoke else 2000, **extra, **tiny)
     exps = {}
@@ -92,7 +93,7 @@ def experiments(data_dir: str | None = None, smoke: bool = False) -> dict[str, E
     exps["encoder-depth"] = Experiment(
         "encoder-depth", "4.3, figure 4",
         "MNIST: encoders of 1 to 4 hidden layers of 500 units, a decoder of one, N_z = 10",
-        f"{mnist_epochs} epochs (5 million training samples; the report's curves run to about 10^8)",
+        f"{mnist_epochs} epochs ({seen}; the report's curves run to about 10^8)",
         runs, ["depth1", "depth2"],
         "two hidden layers slightly better than one; no substantial gain from more; four fail to learn")
 
@@ -101,14 +102,14 @@ def experiments(data_dir: str | None = None, smoke: bool = False) -> dict[str, E
     exps["estimators"] = Experiment(
         "estimators", "4.4, figure 5",
         "MNIST: L^A (Monte Carlo KL) against L^B (closed-form KL), L = 1, N_z in {3, 5, 10, 20, 200} "
-        "(Kingma and Welling's)", f"{mnist_epochs} epochs (5 million training samples)", runs,
+        "(Kingma and Welling's)", f"{mnist_epochs} epochs ({seen})", runs,
         ["mc-z3", "analytic-z3"],
         "L^B substantially better than L^A at L = 1 for every N_z")
 
     runs = [(act, dict(mnist, latent_dim=[10], activation=act)) for act in ("tanh", "sigmoid", "relu")]
     exps["activations"] = Experiment(
         "activations", "4.5, figure 6", "MNIST: tanh, sigmoid and ReLU hidden units, N_z = 10",
-        f"{mnist_epochs} epochs (5 million training samples)", runs, ["tanh", "relu"],
+        f"{mnist_epochs} epochs ({seen})", runs, ["tanh", "relu"],
         "ReLU learns fastest, with no substantial gain over tanh; sigmoid learns slowest, reaches "
         "the lowest bound and takes about 20% longer per epoch")
 
@@ -275,7 +276,9 @@ def _figure(exp: Experiment, results: dict, path: str):
         ax2.set_xticks([])
         ax2.set_title(f"reconstructions of the first {n} test images")
     else:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
+        timed = exp.name == "activations"  # the report compares their time per epoch too
+        fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(14 if timed else 10, 3.6),
+                                 gridspec_kw={"width_ratios": [1, 1, 0.6] if timed else [1, 1]})
         for name, _ in exp.runs:
             r = results[name]
             for ax, key, title in zip(axes, ("train_bound", "test_elbo"), ("train", "test")):
@@ -286,6 +289,11 @@ def _figure(exp: Experiment, results: dict, path: str):
                 ax.set_xlabel("training samples seen")
                 ax.set_ylabel(f"{title} bound (nats per image)")
         axes[1].legend(fontsize=7)
+        if timed:
+            names = [n for n, _ in exp.runs]
+            axes[2].bar(names, [results[n]["metrics"]["timings"]["seconds_per_epoch"] for n in names])
+            axes[2].set_ylabel("seconds per epoch (one thread)")
+            axes[2].set_title("training time", fontsize=9)
     fig.suptitle(f"paper003 {exp.name}: {exp.budget}", fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
