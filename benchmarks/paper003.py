@@ -328,7 +328,7 @@ def report(exp: Experiment, results_dir: str, figure_path: str) -> bool:
     return True
 
 
-def main(argv) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reproduce.py paper003", description=__doc__.split("\n\n")[0])
     p.add_argument("experiment", help="an experiment's name, or 'list'")
     p.add_argument("--workers", type=int, default=1, help="trainings side by side, one thread each")
@@ -343,6 +343,11 @@ def main(argv) -> int:
     p.add_argument("--data-dir", default=None, help="where frey_faces.npz is (default: $IWAE_EXT_DATA)")
     p.add_argument("--report", action="store_true", help="the table and figure only (no training)")
     p.add_argument("--smoke", action="store_true", help="tiny budgets and a reduced grid")
+    return p
+
+
+def main(argv) -> int:
+    p = parser()
     a = p.parse_args(argv)
     exps = experiments(a.data_dir, a.smoke)
     if a.experiment == "list":

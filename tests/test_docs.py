@@ -161,3 +161,25 @@ def test_every_command_line_in_the_docs_parses():
             parser.parse_args(argv)
         except SystemExit as e:
             pytest.fail(f"{os.path.relpath(page, ROOT)}: iwae-{which} {' '.join(argv)} does not parse ({e})")
+
+
+def test_every_paper003_command_in_the_docs_parses():
+    """``benchmarks/reproduce.py paper003 ...`` lines: known experiments, flags its parser takes."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import paper003
+    names = set(paper003.experiments()) | {"list"}
+    seen = 0
+    for page, code in _blocks("bash"):
+        for line in code.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.split("#", 1)[0])
+            if "benchmarks/reproduce.py" in words and words[words.index("benchmarks/reproduce.py") + 1] == "paper003":
+                argv = [os.environ.get(a[1:], "0") if a.startswith("$") else a
+                        for a in words[words.index("benchmarks/reproduce.py") + 2:]]
+                try:
+                    a = paper003.parser().parse_args(argv)
+                except SystemExit as e:
+                    pytest.fail(f"{os.path.relpath(page, ROOT)}: {line.strip()} does not parse ({e})")
+                assert a.experiment in names, f"{os.path.relpath(page, ROOT)}: unknown experiment in {line.strip()}"
+                seen += 1
+    assert seen >= 7, seen
