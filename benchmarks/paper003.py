@@ -227,6 +227,16 @@ def _table(exp: Experiment, results: dict) -> list[str]:
     return lines
 
 
+def _style(exp: Experiment, name: str) -> dict:
+    """A learning curve's label and line: estimators pair L^A (dashed) and L^B (solid) by N_z."""
+    if exp.name != "estimators":
+        return {"label": name}
+    kl, z = name.split("-z")
+    zs = sorted({int(n.split("-z")[1]) for n, _ in exp.runs})
+    return {"label": f"{'L^A' if kl == 'mc' else 'L^B'}, N_z = {z}", "color": f"C{zs.index(int(z))}",
+            "linestyle": "--" if kl == "mc" else "-"}
+
+
 def _figure(exp: Experiment, results: dict, path: str):
     import matplotlib
     matplotlib.use("Agg")
@@ -277,18 +287,20 @@ def _figure(exp: Experiment, results: dict, path: str):
         ax2.set_title(f"reconstructions of the first {n} test images")
     else:
         timed = exp.name == "activations"  # the report compares their time per epoch too
-        fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(14 if timed else 10, 3.6),
+        fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(15 if timed else 11, 3.6),
                                  gridspec_kw={"width_ratios": [1, 1, 0.6] if timed else [1, 1]})
         for name, _ in exp.runs:
             r = results[name]
+            style = _style(exp, name)
             for ax, key, title in zip(axes, ("train_bound", "test_elbo"), ("train", "test")):
                 pts = _curve(r, key)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], **style)
                 ax.set_xscale("log")
                 ax.set_xlabel("training samples seen")
                 ax.set_ylabel(f"{title} bound (nats per image)")
-        axes[1].legend(fontsize=7)
+        axes[1].sharex(axes[0])
+        axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
         if timed:
             names = [n for n, _ in exp.runs]
             axes[2].bar(names, [results[n]["metrics"]["timings"]["seconds_per_epoch"] for n in names])

@@ -213,8 +213,8 @@ def run_sweep(runs: list[Run], work_dir: str, results_dir: str, workers: int = 1
     def source(run):  # the checkpoint a run starts from, or None
         return os.path.join(work_dir, run.init_from_run, "checkpoint.pt") if run.init_from_run else None
 
-    def ready(run):  # its source run finished here (result file and checkpoint)
-        if run.init_from_run is None:
+    def ready(run):  # its source run finished here (result file and checkpoint), or it resumes
+        if run.init_from_run is None or os.path.isfile(os.path.join(work_dir, run.name, "checkpoint.pt")):
             return True
         dep = next(r for r in runs if r.name == run.init_from_run)
         return os.path.isfile(result_path(results_dir, dep)) and os.path.isfile(source(run))
