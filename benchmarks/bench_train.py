@@ -69,6 +69,8 @@ def trainer_block(args, dataset, device, compile, fused=True, group=None, flush_
         arch["hidden"] = [args.hidden]
     if getattr(args, "latent_dim", None):
         arch["latent_dim"] = [args.latent_dim]
+    if getattr(args, "activation", None):
+        arch["activation"] = args.activation
     cfg = TrainConfig(model=getattr(args, "model", "iwae"), k=args.k, batch_size=args.batch_size,
                       estimator=args.estimator, fused=fused, progress=False, epochs=1,
                       flush_denormal=flush_denormal, precision=precision, **arch).resolved(dataset)

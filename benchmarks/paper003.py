@@ -64,6 +64,7 @@ class Experiment:
     finding: str  # the report's own finding, quoted in spirit
     starts_from: dict = dataclasses.field(default_factory=dict)  # run -> the run whose weights it starts from
     reconstructions: bool = False  # keep the test MSE and a few reconstructions of every run
+    timed: bool = False  # also time the runs' training steps against each other (time_steps)
 
 
 def _mnist_epochs(smoke):
@@ -111,7 +112,7 @@ def experiments(data_dir: str | None = None, smoke: bool = False) -> dict[str, E
         "activations", "4.5, figure 6", "MNIST: tanh, sigmoid and ReLU hidden units, N_z = 10",
         f"{mnist_epochs} epochs ({seen})", runs, ["tanh", "relu"],
         "ReLU learns fastest, with no substantial gain over tanh; sigmoid learns slowest, reaches "
-        "the lowest bound and takes about 20% longer per epoch")
+        "the lowest bound and takes about 20% longer per epoch", timed=True)
 
     ae = dict(mnist, test_every=0, weight_decay=1e-4)
     runs = [(f"{m}-z{z}", dict(ae, model=m, latent_dim=[z])) for z in (2, 5, 10, 20, 50) for m in ("ae", "vae")]
@@ -183,6 +184,50 @@ def reconstruction_extras(run: Run, run_dir: str) -> dict:
             "reconstruction_shape": [xs.shape[0], *data.image_shape]}
 
 
+def time_steps(exp: Experiment, path: str, rounds: int = 7, steps: int = 50) -> dict:
+    """The training step of each run's configuration in this process, one thread, interleaved
+    round by round (the order rotating): a per-epoch time from runs that shared the machine
+    with other runs compares badly, a ratio from one process does not. Written to ``path``."""
+    import statistics
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench_train import trainer_block
+    from common import device_name
+    from iwae_ext.data import load_dataset
+    torch.set_num_threads(1)
+    first = exp.runs[0][1]
+    data = load_dataset(first["dataset"], first.get("data_dir"))
+    blocks = {}
+    for name, c in exp.runs:
+        args = SimpleNamespace(model=c.get("model", "vae"), k=c.get("k", 1), batch_size=c["batch_size"],
+                               estimator="standard", steps=steps, hidden=c["hidden"][0],
+                               latent_dim=c["latent_dim"][0], activation=c.get("activation", "tanh"))
+        blocks[name] = trainer_block(args, data, torch.device("cpu"), compile=False)
+        blocks[name](steps)  # warm-up
+    names = list(blocks)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            blocks[n](steps)
+            times[n].append((time.perf_counter() - t0) / steps)
+    ref = names[0]
+    out = {"what": f"{exp.name}: the trainer's step (batch {first['batch_size']}), one thread, {rounds} "
+                   f"interleaved rounds of {steps} steps", "device": device_name("cpu"),
+           "threads": 1, "date": time.strftime("%Y-%m-%d"),
+           "step_ms": {n: 1e3 * statistics.median(t) for n, t in times.items()},
+           f"ratio_to_{ref}": {n: statistics.median(a / b for a, b in zip(times[n], times[ref])) for n in names},
+           "rounds_ms": {n: [1e3 * v for v in t] for n, t in times.items()}}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+        f.write("\n")
+    return out
+
+
 # ---- reports ------------------------------------------------------------------------------------
 
 
@@ -237,7 +282,7 @@ def _style(exp: Experiment, name: str) -> dict:
             "linestyle": "--" if kl == "mc" else "-"}
 
 
-def _figure(exp: Experiment, results: dict, path: str):
+def _figure(exp: Experiment, results: dict, path: str, steps: dict | None = None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -286,7 +331,7 @@ def _figure(exp: Experiment, results: dict, path: str):
         ax2.set_xticks([])
         ax2.set_title(f"reconstructions of the first {n} test images")
     else:
-        timed = exp.name == "activations"  # the report compares their time per epoch too
+        timed = exp.timed
         fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(15 if timed else 11, 3.6),
                                  gridspec_kw={"width_ratios": [1, 1, 0.6] if timed else [1, 1]})
         for name, _ in exp.runs:
@@ -303,14 +348,32 @@ def _figure(exp: Experiment, results: dict, path: str):
         axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
         if timed:
             names = [n for n, _ in exp.runs]
-            axes[2].bar(names, [results[n]["metrics"]["timings"]["seconds_per_epoch"] for n in names])
-            axes[2].set_ylabel("seconds per epoch (one thread)")
-            axes[2].set_title("training time", fontsize=9)
+            if steps:  # the interleaved measurement (time_steps), else the runs' own epochs
+                axes[2].bar(names, [steps["step_ms"][n] for n in names])
+                axes[2].set_ylabel("ms per training step (one thread)")
+                axes[2].set_title("training step, interleaved rounds", fontsize=9)
+            else:
+                axes[2].bar(names, [results[n]["metrics"]["timings"]["seconds_per_epoch"] for n in names])
+                axes[2].set_ylabel("seconds per epoch (one thread)")
+                axes[2].set_title("training time", fontsize=9)
     fig.suptitle(f"paper003 {exp.name}: {exp.budget}", fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _steps_path(results_dir: str) -> str:
+    return results_dir.rstrip(os.sep) + "-steps.json"
+
+
+def _load_steps(exp: Experiment, results_dir: str):
+    """time_steps' measurement of the experiment, if it has one."""
+    path = _steps_path(results_dir)
+    if exp.timed and os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
 
 
 def report(exp: Experiment, results_dir: str, figure_path: str) -> bool:
@@ -321,7 +384,13 @@ def report(exp: Experiment, results_dir: str, figure_path: str) -> bool:
         print(f"paper003 {exp.name}: {len(missing)} of {len(exp.runs)} runs not finished "
               f"({', '.join(missing[:6])}{'...' if len(missing) > 6 else ''})")
         return False
+    steps = _load_steps(exp, results_dir)
     lines = _table(exp, results)
+    if steps:
+        ref = next(iter(steps["step_ms"]))
+        lines[-2:-2] = ["", f"Training step, {steps['what']} ({steps['device']}, {steps['date']}):", "",
+                        "| run | ms per step | against " + ref + " |", "| --- | ---: | ---: |"] + [
+            f"| {n} | {ms:.2f} | {steps[f'ratio_to_{ref}'][n]:.3f} |" for n, ms in steps["step_ms"].items()]
     base = results_dir.rstrip(os.sep)
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -335,7 +404,7 @@ def report(exp: Experiment, results_dir: str, figure_path: str) -> bool:
     with open(base + ".json", "w") as f:
         json.dump(summary, f, indent=1)
         f.write("\n")
-    _figure(exp, results, figure_path)
+    _figure(exp, results, figure_path, steps)
     print("\n".join(lines))
     return True
 
@@ -355,6 +424,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="where frey_faces.npz is (default: $IWAE_EXT_DATA)")
     p.add_argument("--report", action="store_true", help="the table and figure only (no training)")
     p.add_argument("--smoke", action="store_true", help="tiny budgets and a reduced grid")
+    p.add_argument("--time-steps", action="store_true", dest="time_steps",
+                   help="(activations) time the training steps again, interleaved in one process")
     return p
 
 
@@ -397,5 +468,8 @@ def main(argv) -> int:
             print(f"paper003 {exp.name}: stopped; run the same command again to continue "
                   f"({len(st['stopped'])} runs left in this shard)")
             return 0
+    if exp.timed and (a.time_steps or not os.path.isfile(_steps_path(results_dir))):
+        if len(load_results(results_dir, sweep_runs(exp))) == len(exp.runs):
+            time_steps(exp, _steps_path(results_dir), *((2, 3) if a.smoke else (7, 50)))
     report(exp, results_dir, figure_path)
     return 0

@@ -51,6 +51,10 @@ def test_smoke_run_writes_results_table_and_figure(tmp_path, experiment):
         assert 0 < one["extras"]["test_mse"] < 1 and one["extras"]["reconstruction_shape"] == [8, 28, 28]
     elif experiment != "samples-vs-batch":
         assert all(v is not None for v in one["history"]["test_elbo"])  # the learning curve on test data
+    if experiment == "activations":  # the steps timed against each other in one process
+        steps = json.load(open(os.path.join(work, "results", "activations-steps.json")))
+        assert sorted(steps["step_ms"]) == ["relu", "tanh"] and steps["ratio_to_tanh"]["tanh"] == 1.0
+        assert "ms per step" in table
     if experiment == "full-vb":  # started from the trained VAE's weights, after it finished
         last = json.load(open(os.path.join(res, "full-vb-from-vae.json")))
         assert last["init_from_run"] == "vae" and 0 < last["extras"]["test_mse"] < 1
