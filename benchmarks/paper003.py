@@ -150,13 +150,14 @@ def sweep_runs(exp: Experiment) -> list[Run]:
     return [Run(name, config, init_from_run=exp.starts_from.get(name)) for name, config in exp.runs]
 
 
-RECON_IMAGES = 8  # the first test images, reconstructed by every ae-vs-vae run (figure 8)
+RECON_IMAGES = 8  # test images spread evenly over the split (it is sorted by digit), reconstructed (figure 8)
 
 
 def reconstruction_extras(run: Run, run_dir: str) -> dict:
     """The test MSE per pixel of the decoder mean at the encoder mean (the same function for the
-    AE and the VAE; with random weights, at one seeded draw of them per image) and the first test
-    images' reconstructions, as bytes (0-255, base64)."""
+    AE and the VAE; with random weights, at one seeded draw of them per image) and the
+    reconstructions of RECON_IMAGES test images spread evenly over the split, as bytes (0-255,
+    base64)."""
     import base64
 
     import torch
@@ -174,7 +175,7 @@ def reconstruction_extras(run: Run, run_dir: str) -> dict:
     torch.manual_seed(cfg.get("seed", 0))  # random weights (full-vb): one seeded draw per image
     with torch.no_grad():
         mse = float(evaluate.squared_error(model, x).mean()) / x.shape[1]
-        xs = x[:RECON_IMAGES]
+        xs = x[torch.linspace(0, x.shape[0] - 1, RECON_IMAGES).round().long()]
         q = model.posterior(xs)
         mean = model.decoder.mean(model.decoder(q.loc))
     def b64(t):
@@ -226,6 +227,24 @@ def time_steps(exp: Experiment, path: str, rounds: int = 7, steps: int = 50) -> 
         json.dump(out, f, indent=1)
         f.write("\n")
     return out
+
+
+def redo_extras(run: Run, work_dir: str, results_dir: str) -> bool:
+    """Recomputes a finished run's extras from its checkpoint (work_dir/<run>); False when the
+    run has no result or no checkpoint here."""
+    path = os.path.join(results_dir, f"{run.name}.json")
+    run_dir = os.path.join(work_dir, run.name)
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))):
+        print(f"paper003: {run.name}: no result or no checkpoint in {run_dir}; its extras are kept")
+        return False
+    with open(path) as f:
+        payload = json.load(f)
+    payload["extras"] = reconstruction_extras(run, run_dir)
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+    return True
 
 
 # ---- reports ------------------------------------------------------------------------------------
@@ -311,6 +330,8 @@ def _figure(exp: Experiment, results: dict, path: str, steps: dict | None = None
         for model in ("ae", "vae"):
             ax.plot(zs, [results[f"{model}-z{z}"]["extras"]["test_mse"] for z in zs], "o-", label=model.upper())
         ax.set_xscale("log")
+        ax.set_xticks(zs, [str(z) for z in zs])
+        ax.minorticks_off()
         ax.set_xlabel("latent size")
         ax.set_ylabel("test reconstruction MSE per pixel")
         ax.legend()
@@ -329,7 +350,7 @@ def _figure(exp: Experiment, results: dict, path: str, steps: dict | None = None
         ax2.imshow(np.concatenate(rows, axis=0), cmap="gray")
         ax2.set_yticks([(i + 0.5) * h for i in range(len(labels))], labels, fontsize=7)
         ax2.set_xticks([])
-        ax2.set_title(f"reconstructions of the first {n} test images")
+        ax2.set_title(f"reconstructions of {n} test images", fontsize=10)
     else:
         timed = exp.timed
         fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(15 if timed else 11, 3.6),
@@ -424,6 +445,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="where frey_faces.npz is (default: $IWAE_EXT_DATA)")
     p.add_argument("--report", action="store_true", help="the table and figure only (no training)")
     p.add_argument("--smoke", action="store_true", help="tiny budgets and a reduced grid")
+    p.add_argument("--redo-extras", action="store_true", dest="redo_extras",
+                   help="recompute the finished runs' reconstructions from their checkpoints in --work-dir")
     p.add_argument("--time-steps", action="store_true", dest="time_steps",
                    help="(activations) time the training steps again, interleaved in one process")
     return p
@@ -468,6 +491,9 @@ def main(argv) -> int:
             print(f"paper003 {exp.name}: stopped; run the same command again to continue "
                   f"({len(st['stopped'])} runs left in this shard)")
             return 0
+    if a.redo_extras and exp.reconstructions:  # e.g. after a change to reconstruction_extras
+        for run in sweep_runs(exp):
+            redo_extras(run, os.path.join(a.work_dir, exp.name), results_dir)
     if exp.timed and (a.time_steps or not os.path.isfile(_steps_path(results_dir))):
         if len(load_results(results_dir, sweep_runs(exp))) == len(exp.runs):
             time_steps(exp, _steps_path(results_dir), *((2, 3) if a.smoke else (7, 50)))

@@ -49,6 +49,9 @@ def test_smoke_run_writes_results_table_and_figure(tmp_path, experiment):
     assert one["metrics"]["epochs"] == 2 and one["metrics"]["threads"] == 1
     if experiment == "ae-vs-vae":
         assert 0 < one["extras"]["test_mse"] < 1 and one["extras"]["reconstruction_shape"] == [8, 28, 28]
+        r = _run(experiment, "--smoke", "--report", "--redo-extras", "--work-dir", work, "--data-dir", SHARED)
+        assert r.returncode == 0, r.stdout + r.stderr  # recomputed from the checkpoints: the same
+        assert json.load(open(os.path.join(res, f"{EXPERIMENTS[experiment][0]}.json")))["extras"] == one["extras"]
     elif experiment != "samples-vs-batch":
         assert all(v is not None for v in one["history"]["test_elbo"])  # the learning curve on test data
     if experiment == "activations":  # the steps timed against each other in one process
