@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from sweep import Run, history_records, load_results, parse_shard, run_sweep  # noqa: E402
+from sweep import Run, history_records, load_results, parse_shard, result_path, run_sweep, write_json  # noqa: E402
 
 TITLE = ("Nicholson, Tebbutt, Budzianowski: reproduction of Kingma and Welling, "
          "Auto-Encoding Variational Bayes")
@@ -223,16 +223,14 @@ def time_steps(exp: Experiment, path: str, rounds: int = 7, steps: int = 50) -> 
            f"ratio_to_{ref}": {n: statistics.median(a / b for a, b in zip(times[n], times[ref])) for n in names},
            "rounds_ms": {n: [1e3 * v for v in t] for n, t in times.items()}}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-        f.write("\n")
+    write_json(path, out)
     return out
 
 
 def redo_extras(run: Run, work_dir: str, results_dir: str) -> bool:
     """Recomputes a finished run's extras from its checkpoint (work_dir/<run>); False when the
     run has no result or no checkpoint here."""
-    path = os.path.join(results_dir, f"{run.name}.json")
+    path = result_path(results_dir, run)
     run_dir = os.path.join(work_dir, run.name)
     if not (os.path.isfile(path) and os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))):
         print(f"paper003: {run.name}: no result or no checkpoint in {run_dir}; its extras are kept")
@@ -240,10 +238,7 @@ def redo_extras(run: Run, work_dir: str, results_dir: str) -> bool:
     with open(path) as f:
         payload = json.load(f)
     payload["extras"] = reconstruction_extras(run, run_dir)
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=1)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    write_json(path, payload)
     return True
 
 
@@ -422,9 +417,7 @@ def report(exp: Experiment, results_dir: str, figure_path: str) -> bool:
                                "test_mse": results[n].get("extras", {}).get("test_mse"),
                                "seconds_per_epoch": results[n]["metrics"]["timings"]["seconds_per_epoch"]}
                         for n, _ in exp.runs}}
-    with open(base + ".json", "w") as f:
-        json.dump(summary, f, indent=1)
-        f.write("\n")
+    write_json(base + ".json", summary)
     _figure(exp, results, figure_path, steps)
     print("\n".join(lines))
     return True

@@ -39,7 +39,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-__all__ = ["Run", "run_sweep", "parse_shard", "load_results", "compact_history", "history_records"]
+__all__ = ["Run", "run_sweep", "parse_shard", "load_results", "result_path", "write_json", "compact_history",
+           "history_records"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,12 +160,16 @@ def _write_result(results_dir: str, run: Run, run_dir: str, post=None):
     if post is not None:  # what else the experiment keeps of the trained model (small)
         payload["extras"] = post(run, run_dir)
     os.makedirs(results_dir, exist_ok=True)
-    path = result_path(results_dir, run)
+    write_json(result_path(results_dir, run), payload)
+
+
+def write_json(path: str, payload) -> None:
+    """payload as indented JSON at path, through a temporary file: never a half-written result."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=1)
         f.write("\n")
-    os.replace(tmp, path)  # never a half-written result
+    os.replace(tmp, path)
 
 
 def run_sweep(runs: list[Run], work_dir: str, results_dir: str, workers: int = 1,
@@ -207,7 +212,7 @@ def run_sweep(runs: list[Run], work_dir: str, results_dir: str, workers: int = 1
     start = time.perf_counter()
     running = {}
     queue = list(todo)
-    queued = {r.name for r in queue}
+    by_name = {r.name: r for r in runs}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
 
     def source(run):  # the checkpoint a run starts from, or None
@@ -216,12 +221,12 @@ def run_sweep(runs: list[Run], work_dir: str, results_dir: str, workers: int = 1
     def ready(run):  # its source run finished here (result file and checkpoint), or it resumes
         if run.init_from_run is None or os.path.isfile(os.path.join(work_dir, run.name, "checkpoint.pt")):
             return True
-        dep = next(r for r in runs if r.name == run.init_from_run)
-        return os.path.isfile(result_path(results_dir, dep)) and os.path.isfile(source(run))
+        return (os.path.isfile(result_path(results_dir, by_name[run.init_from_run]))
+                and os.path.isfile(source(run)))
 
     def hopeless(run):  # its source cannot finish here in this call
         dep = run.init_from_run
-        if dep is None or dep in queued or dep in running:
+        if dep is None or dep in running or any(r.name == dep for r in queue):
             return False
         return not ready(run)
 
@@ -233,12 +238,11 @@ def run_sweep(runs: list[Run], work_dir: str, results_dir: str, workers: int = 1
                 request("stop requested")
             for run in [r for r in queue if hopeless(r)]:
                 queue.remove(run)
-                queued.discard(run.name)
                 status["waiting"].append(run.name)
                 dep = run.init_from_run
                 if dep in status["failed"] or dep in status["waiting"]:
                     where = "did not finish in this call"
-                elif os.path.isfile(result_path(results_dir, next(r for r in runs if r.name == dep))):
+                elif os.path.isfile(result_path(results_dir, by_name[dep])):
                     where = f"finished elsewhere: no checkpoint in {os.path.join(work_dir, dep)}"
                 else:
                     where = "is in another shard and not finished"
@@ -249,7 +253,6 @@ def run_sweep(runs: list[Run], work_dir: str, results_dir: str, workers: int = 1
                 if run is None:
                     break
                 queue.remove(run)
-                queued.discard(run.name)
                 run_dir = os.path.join(work_dir, run.name)
                 os.makedirs(run_dir, exist_ok=True)
                 logf = open(os.path.join(run_dir, "train.log"), "a")
