@@ -4,8 +4,9 @@ The compiled operators live in ``torch.ops.iwae_ext``; ``iwae_ext.ops`` holds th
 differentiable wrappers and ``iwae_ext.ops.reference`` their pure-PyTorch twins. On top:
 ``data`` (data sets), ``models`` (VAE/IWAE modules), ``objectives`` (bounds and gradient
 estimators), the function ``train`` with ``TrainConfig`` and ``load_checkpoint`` (from the
-trainer's package, ``iwae_ext.trainer``); ``evaluate``, ``samplers`` (HMC, AIS, SIR), ``plots``
-(matplotlib figures) and ``report`` load on first use. The command lines are ``iwae_ext.cli.train``
+trainer's package, ``iwae_ext.trainer``); ``evaluate``, ``diagnostics`` (ESS and Pareto k-hat of
+importance weights), ``samplers`` (HMC, AIS, SIR), ``plots`` (matplotlib figures) and ``report``
+load on first use. The command lines are ``iwae_ext.cli.train``
 (``iwae-train``) and ``iwae_ext.cli.eval`` (``iwae-eval``).
 """
 import importlib as _importlib
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = ["build_info", "ops", "data", "models", "objectives", "evaluate", "train", "TrainConfig",
            "load_checkpoint", "CorruptCheckpointError", "LatentVariableModel", "__version__"]
-_LAZY = ("evaluate", "samplers", "plots", "report")
+_LAZY = ("evaluate", "samplers", "plots", "report", "diagnostics")
 
 
 def __getattr__(name):  # PEP 562: iwae_ext.evaluate / .samplers / .plots / .report on first use

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import protocol as _protocol
+from .diagnostics import MIN_TAIL, _khat_from_top, effective_sample_size, tail_length
 from .keyed import KeyedNoise, keyed_draws, resolve_seed
 from .ops import logmeanexp
 
@@ -50,6 +51,16 @@ class Bounds:
     log_likelihood: Tensor  # [N]
     elbo: Tensor  # [N]
     stderr: Tensor | None = None  # [N] delta-method standard error of L_k over its k samples
+    ess: Tensor | None = None  # [N] effective sample size of the k weights (iwae_ext.diagnostics)
+    khat: Tensor | None = None  # [N] Pareto k-hat of the k weights; above 0.7 stderr is not to be trusted
+    k: int = 0  # importance samples per data point
+
+    def diagnostics(self) -> dict:
+        """The weights' diagnostics summarised over the data points (:func:`iwae_ext.diagnostics.summarize`)."""
+        from .diagnostics import summarize
+        if self.ess is None or self.khat is None:
+            raise ValueError("Bounds.diagnostics: these bounds carry no ess / khat")
+        return summarize(self.khat, self.ess, self.k)
 
 
 class _Param:
@@ -114,7 +125,11 @@ def bounds(model, x: Tensor, k: int = 5000, batch_size: int = 100, max_rows: int
 
     L_k = log (1/k) sum_i w_i (Burda et al. 2016, eq. 8), combined across chunks of samples
     exactly (a log-sum-exp of the chunks' log-mean-exps weighted by their sizes);
-    ELBO = (1/k) sum_i log w_i. ``desc`` names the progress bar (e.g. the split).
+    ELBO = (1/k) sum_i log w_i. ``desc`` names the progress bar (e.g. the split). Each point
+    also gets the delta-method standard error of L_k, the effective sample size of its k weights
+    and their Pareto k-hat (:mod:`iwae_ext.diagnostics`; fitted to the largest
+    ceil(min(k / 5, 3 sqrt(k))) weights, kept across chunks, so memory stays bounded; NaN for
+    k < 21): where k-hat > 0.7 neither L_k nor its standard error is to be trusted.
 
     Per-image streams (:mod:`iwae_ext.keyed`): sample i of image ``index[n]`` (default n, the row
     of x) is drawn from the stream of (seed, index[n], i), so a value does not depend on
@@ -126,7 +141,9 @@ def bounds(model, x: Tensor, k: int = 5000, batch_size: int = 100, max_rows: int
     seed = resolve_seed(seed)
     p = _Param(model, x)
     max_rows = _max_rows(max_rows, torch.device(p.device))
-    lls, elbos, errs = [], [], []
+    lls, elbos, errs, esss, khats = [], [], [], [], []
+    tail = tail_length(k) + 1  # the largest weights the Pareto k-hat is fitted to (and its cutoff)
+    fit_tail = tail - 1 >= MIN_TAIL and k > tail - 1
     n_batches = math.ceil(x.shape[0] / batch_size)
     bar = None
     if progress:
@@ -137,6 +154,7 @@ def bounds(model, x: Tensor, k: int = 5000, batch_size: int = 100, max_rows: int
         noise = KeyedNoise(seed, index[start:start + batch_size], p.device)
         chunk = max(1, min(k, max_rows // xb.shape[0]))
         parts, squares, total = [], [], torch.zeros(xb.shape[0], dtype=torch.float64, device=p.device)
+        top = None  # the `tail` largest log-weights so far, [<= tail, B]
         for done in range(0, k, chunk):
             kc = min(chunk, k - done)
             with keyed_draws(noise, row_start=done):
@@ -145,17 +163,23 @@ def bounds(model, x: Tensor, k: int = 5000, batch_size: int = 100, max_rows: int
             parts.append(logmeanexp(lw64, 0) + math.log(kc))
             squares.append(torch.logsumexp(2 * lw64, 0))
             total += lw64.sum(0)
+            if fit_tail:
+                pool = lw64 if top is None else torch.cat([top, lw64])
+                top = torch.topk(pool, min(tail, pool.shape[0]), dim=0).values
         log_s1 = torch.logsumexp(torch.stack(parts), 0)
         lls.append(log_s1 - math.log(k))
         elbos.append(total / k)
         # stderr = sqrt((k S2 / S1^2 - 1) / (k - 1)), S_j = sum_i w_i^j: log_mean_exp_stderr's value
         ratio = torch.exp(math.log(k) + torch.logsumexp(torch.stack(squares), 0) - 2 * log_s1) - 1
         errs.append((ratio.clamp_min(0) / (k - 1)).sqrt() if k > 1 else torch.full_like(log_s1, math.nan))
+        esss.append(torch.exp(2 * log_s1 - torch.logsumexp(torch.stack(squares), 0)))
+        khats.append(_khat_from_top(top, log_w.dtype) if fit_tail else torch.full_like(log_s1, math.nan))
         if bar is not None:
             bar.update()
     if bar is not None:
         bar.close()
-    return Bounds(torch.cat(lls).cpu(), torch.cat(elbos).cpu(), torch.cat(errs).cpu())
+    return Bounds(torch.cat(lls).cpu(), torch.cat(elbos).cpu(), torch.cat(errs).cpu(), torch.cat(esss).cpu(),
+                  torch.cat(khats).cpu(), k)
 
 
 def iwae_log_likelihood(model, x: Tensor, k: int = 5000, batch_size: int = 100,
@@ -227,6 +251,23 @@ class AISEstimate:
     def stderr(self) -> Tensor:
         """[N] standard error of each point's estimate over its chains (delta method)."""
         return log_mean_exp_stderr(self.log_weights)
+
+    @property
+    def ess(self) -> Tensor:
+        """[N] effective sample size of each point's chain weights (:mod:`iwae_ext.diagnostics`)."""
+        return effective_sample_size(self.log_weights)
+
+    @property
+    def khat(self) -> Tensor:
+        """[N] Pareto k-hat of each point's chain weights (:func:`iwae_ext.diagnostics.pareto_khat`),
+        NaN below 21 chains (too few weights to fit a tail)."""
+        from .diagnostics import pareto_khat
+        return pareto_khat(self.log_weights)
+
+    def diagnostics(self) -> dict:
+        """The chain weights' diagnostics summarised over the data points."""
+        from .diagnostics import summarize
+        return summarize(self.khat, self.ess, self.log_weights.shape[0])
 
 
 def _schedule(schedule: str, num_temps: int) -> Tensor:

@@ -52,6 +52,7 @@ def write_report(model, dataset, out_dir: str, run_dir: str | None = None, k: in
     m["test_log_likelihood"], m["test_log_likelihood_stderr"] = _mean_se(test.log_likelihood)
     m["train_log_likelihood"], m["train_log_likelihood_stderr"] = _mean_se(train.log_likelihood)
     m["test_elbo"], m["train_elbo"] = float(test.elbo.mean()), float(train.elbo.mean())
+    m["test_weights"], m["train_weights"] = test.diagnostics(), train.diagnostics()
     m["variational_gap_test"] = m["test_log_likelihood"] - m["test_elbo"]
     m["generalization_gap"] = m["train_log_likelihood"] - m["test_log_likelihood"]
     m["active_units"] = evaluate.active_units(model, x_test)["active"]
@@ -65,6 +66,7 @@ def write_report(model, dataset, out_dir: str, run_dir: str | None = None, k: in
         m["ais_nll"] = -m["ais_log_likelihood"]
         m["variational_gap_ais"] = float((a.log_likelihood - test.log_likelihood).mean())
         m["ais"] = dict(ais, gradient_precision=a.gradient_precision)  # what ran ("auto" resolved)
+        m["ais_weights"] = a.diagnostics()
     figures, notes = {}, []
     device, dtype = _protocol.device_dtype(model, x_test)
     shape = tuple(dataset.image_shape) if len(dataset.image_shape) == 2 else None
@@ -105,6 +107,16 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def _khat_text(w: dict) -> str:
+    if w["khat_median"] is None:
+        return f"n/a (too few weights: {w['num_weights']})"
+    return f"{_num(w['khat_median'])} / {_num(w['khat_max'])}"
+
+
 def _markdown(m: dict) -> str:
     def se(v):
         return f" +- {v:.2f}" if v is not None else ""
@@ -118,12 +130,27 @@ def _markdown(m: dict) -> str:
         ("reconstruction error, encoder mean (-log p(x|z))", f"{m['reconstruction_error_mean']:.2f}"),
         (f"reconstruction error, q_IW (k = {m['qiw_k']})", f"{m['reconstruction_error_qiw']:.2f}"),
     ]
+    for split in ("test", "train"):
+        w = m.get(f"{split}_weights")
+        if w:
+            rows += [(f"{split} weights: Pareto k-hat, median / largest", _khat_text(w)),
+                     (f"{split} weights: share of images with k-hat > {_num(w['khat_threshold'])}",
+                      "n/a" if w["khat_above_threshold"] is None else f"{100 * w['khat_above_threshold']:.1f}%"),
+                     (f"{split} weights: effective sample size, median / smallest (of k)",
+                      f"{w['ess_median']:.1f} / {w['ess_min']:.1f}")]
     if "ais_nll" in m:
         rows += [("AIS NLL (test)", f"{m['ais_nll']:.2f}{se(m['ais_log_likelihood_stderr'])}"),
                  ("variational gap (AIS log-likelihood - L_k)", f"{m['variational_gap_ais']:.2f}")]
+        w = m.get("ais_weights")
+        if w:
+            rows += [("AIS chain weights: Pareto k-hat, median / largest", _khat_text(w)),
+                     ("AIS chain weights: effective sample size, median / smallest (of the chains)",
+                      f"{w['ess_median']:.1f} / {w['ess_min']:.1f}")]
     out = ["# Evaluation report", "",
            f"k = {m['k']} importance samples; {m['n_test']} test and {m['n_train']} train images "
-           f"(a seeded random choice). Values in nats per image; +- is the standard error over images.", "",
+           f"(a seeded random choice). Values in nats per image; +- is the standard error over images. "
+           f"An image whose weights have a Pareto k-hat above the threshold has an L_k (and a standard "
+           f"error) that is not to be trusted: its importance weights are too heavy-tailed.", "",
            "| metric | value |", "| --- | ---: |"]
     out += [f"| {_cell(a)} | {_cell(b)} |" for a, b in rows]
     out += ["", "## Figures", ""]

@@ -45,7 +45,7 @@ def _one(fragment):
 
 CLAIMS = ("iwae_ext.build_info()", 'iwae_ext.train(model="iwae", k=5, epochs=30',
           "from iwae_ext.ops import logmeanexp", "samplers.ais(", "class MyVAE",
-          "part = evaluate.bounds(", "class IWAEPlusELBO")
+          "part = evaluate.bounds(", "class IWAEPlusELBO", "class Narrow")
 
 
 def test_every_python_snippet_is_claimed_by_a_test():
@@ -108,6 +108,15 @@ def test_your_own_model_snippet_runs_as_written():
     assert isinstance(ns["model"], iwae_ext.LatentVariableModel)
     assert ns["ll"].shape == (10,) and ns["ais"].shape == (10,)
     assert bool(torch.isfinite(ns["ll"]).all() and torch.isfinite(ns["ais"]).all())
+
+
+def test_weight_diagnostics_snippet_prints_what_the_docs_show(capsys):
+    ns = {}
+    exec(_one("class Narrow"), ns)
+    printed = capsys.readouterr().out.strip().splitlines()
+    text = open(os.path.join(DOCS, "evaluating.rst")).read()
+    shown = re.search(r"It prints \(root mean squares over the 100 images\)::\n\n((?:   .*\n)+)", text).group(1)
+    assert printed == [line.strip() for line in shown.splitlines()]  # seeded: the same digits
 
 
 def test_per_image_streams_snippet_runs_alone(capsys):

@@ -126,7 +126,8 @@ def _same_per_point(a, b):
     pa, pb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     assert pa.keys() == pb.keys()
     for key in pa:
-        assert torch.equal(pa[key], pb[key]), key
+        assert torch.equal(pa[key], pb[key]) or (torch.isnan(pa[key]).any()  # k-hat is NaN for few weights
+                                                 and torch.allclose(pa[key], pb[key], equal_nan=True)), key
 
 
 def test_two_gloo_ranks_equal_one_process_image_for_image(run_dir, tmp_path):

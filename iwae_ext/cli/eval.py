@@ -69,6 +69,7 @@ def main(argv=None) -> int:
 
     from .. import evaluate
     from ..data import DataError, load_dataset
+    from ..diagnostics import summarize
     from ..trainer import load_checkpoint
 
     p = parser()
@@ -166,6 +167,8 @@ def main(argv=None) -> int:
         d.close()
         return 0
     col = lambda rs, key: torch.tensor([r[key] for r in rs], dtype=torch.float64)  # noqa: E731
+    # rows of an evaluation resumed from an earlier version may lack the diagnostics: NaN there
+    diag = lambda rs, key: torch.tensor([r.get(key, math.nan) for r in rs], dtype=torch.float64)  # noqa: E731
     ll, elbo_ = col(rows, "log_likelihood"), col(rows, "elbo")
     n = x.shape[0]
     sem = lambda t: float(t.std() / math.sqrt(n)) if n > 1 else None  # noqa: E731
@@ -177,8 +180,10 @@ def main(argv=None) -> int:
         "elbo": float(elbo_.mean()),
         "active_units": units["active"],
         "reconstruction_error": float(evaluate.reconstruction_error(model, x).mean()),
+        "weights": summarize(diag(rows, "khat"), diag(rows, "ess"), args.k),
     }
-    per_point = {"index": index, "log_likelihood": ll, "elbo": elbo_, "log_likelihood_stderr": col(rows, "stderr")}
+    per_point = {"index": index, "log_likelihood": ll, "elbo": elbo_, "log_likelihood_stderr": col(rows, "stderr"),
+                 "ess": diag(rows, "ess"), "khat": diag(rows, "khat")}
     if ais_rows is not None:
         a = col(ais_rows, "log_likelihood")
         gap = a - ll
@@ -193,7 +198,8 @@ def main(argv=None) -> int:
                     "schedule": args.ais_schedule, "init": args.ais_init,
                     "gradient_precision": ais_rows[0]["gradient_precision"] if ais_rows else args.ais_precision,
                     "acceptance_rate": float(col(ais_rows, "acceptance_rate").mean()),
-                    "step_size": float(col(ais_rows, "step_size").mean())},
+                    "step_size": float(col(ais_rows, "step_size").mean()),
+                    "weights": summarize(diag(ais_rows, "khat"), diag(ais_rows, "ess"), args.ais_chains)},
         })
         per_point["ais_log_likelihood"] = a
         per_point["ais_log_weights"] = torch.tensor([r["log_weights"] for r in ais_rows], dtype=torch.float64).t()
@@ -218,8 +224,8 @@ def main(argv=None) -> int:
 def _lk_rows(model, x, index, pos, args) -> list[dict]:
     from .. import evaluate
     b = evaluate.bounds(model, x[pos], args.k, pos.shape[0], seed=args.seed, index=index[pos])
-    return [{"log_likelihood": float(v), "elbo": float(e), "stderr": float(s)}
-            for v, e, s in zip(b.log_likelihood, b.elbo, b.stderr)]
+    return [{"log_likelihood": float(v), "elbo": float(e), "stderr": float(s), "ess": float(n), "khat": float(kh)}
+            for v, e, s, n, kh in zip(b.log_likelihood, b.elbo, b.stderr, b.ess, b.khat)]
 
 
 def _ais_rows(model, x, index, pos, args) -> list[dict]:
@@ -229,8 +235,10 @@ def _ais_rows(model, x, index, pos, args) -> list[dict]:
                                     seed=args.seed, index=index[pos], return_details=True,
                                     gradient_precision=args.ais_precision)
     return [{"log_likelihood": float(v), "stderr": float(s), "acceptance_rate": float(r),
-             "step_size": float(st), "log_weights": w.tolist(), "gradient_precision": a.gradient_precision}
-            for v, s, r, st, w in zip(a.log_likelihood, a.stderr, a.acceptance_rate, a.step_size, a.log_weights.t())]
+             "step_size": float(st), "log_weights": w.tolist(), "gradient_precision": a.gradient_precision,
+             "ess": float(n), "khat": float(kh)}
+            for v, s, r, st, w, n, kh in zip(a.log_likelihood, a.stderr, a.acceptance_rate, a.step_size,
+                                             a.log_weights.t(), a.ess, a.khat)]
 
 
 def _bdmc_rows(model, pos, args) -> list[dict]:
