@@ -47,7 +47,8 @@ def test_two_gloo_ranks_follow_the_one_process_trajectory(tmp_path, model, extra
     flags = ARGS + ["--epochs", "2", "--model", model.replace("fashion_", "")] + extra
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     p1 = _train(flags + ["--out", one])
-    p2 = _train(flags + ["--out", two], nproc=2)
+    tb = ["--tensorboard", str(tmp_path / "tb")] if model == "iwae" and _has_tensorboard() else []
+    p2 = _train(flags + ["--out", two] + tb, nproc=2)
     a, b = _state(one), _state(two)
     assert a["train_state"]["world_size"] == 1 and b["train_state"]["world_size"] == 2
     assert a["train_state"]["epoch"] == b["train_state"]["epoch"] == 2  # 20 steps
@@ -77,6 +78,20 @@ def test_two_gloo_ranks_follow_the_one_process_trajectory(tmp_path, model, extra
     final = "test reconstruction MSE" if model == "ae" else "test log-likelihood"
     assert p2.stdout.count(final) == 1 and p1.stdout.count(final) == 1
     assert sorted(os.listdir(two)) == ["checkpoint.pt", "metrics.json", "metrics.jsonl"]
+    if tb:  # one event file, from rank 0, each epoch once
+        from test_tensorboard import read_events
+        assert len(os.listdir(tb[1])) == 1
+        scalars, _ = read_events(tb[1])
+        assert [s for s, _ in scalars["train/bound"]] == [1, 2]
+        assert [v for _, v in scalars["train/bound"]] == pytest.approx([l["train_bound"] for l in lb], rel=1e-6)
+
+
+def _has_tensorboard():
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def test_sigterm_under_torchrun_then_resume_is_exact(tmp_path):

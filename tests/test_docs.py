@@ -45,7 +45,8 @@ def _one(fragment):
 
 CLAIMS = ("iwae_ext.build_info()", 'iwae_ext.train(model="iwae", k=5, epochs=30',
           "from iwae_ext.ops import logmeanexp", "samplers.ais(", "class MyVAE",
-          "part = evaluate.bounds(", "class IWAEPlusELBO", "class Narrow")
+          "part = evaluate.bounds(", "class IWAEPlusELBO", "class Narrow",
+          "EventAccumulator(")
 
 
 def test_every_python_snippet_is_claimed_by_a_test():
@@ -117,6 +118,14 @@ def test_weight_diagnostics_snippet_prints_what_the_docs_show(capsys):
     text = open(os.path.join(DOCS, "evaluating.rst")).read()
     shown = re.search(r"It prints \(root mean squares over the 100 images\)::\n\n((?:   .*\n)+)", text).group(1)
     assert printed == [line.strip() for line in shown.splitlines()]  # seeded: the same digits
+
+
+def test_tensorboard_snippet_logs_each_epoch(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard", reason="the tensorboard package is not installed")
+    monkeypatch.chdir(tmp_path)
+    exec(_one("EventAccumulator("), {})
+    shown = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [step for step, _ in shown] == [1, 2] and all(-600 < bound < -50 for _, bound in shown)
 
 
 def test_per_image_streams_snippet_runs_alone(capsys):

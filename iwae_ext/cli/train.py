@@ -84,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
     a("--out", default=S, help="run directory (default: runs/<model>-k<k>-<dataset>-<time>)")
     a("--resume", action="store_true", default=S, help="continue the run in --out exactly")
     a("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
+    a("--tensorboard", metavar="DIR", default=S,
+      help="also log to TensorBoard in DIR (rank 0): the training bound, learning rate and step time "
+           "per epoch, the --test-every curve and the final metrics (needs the tensorboard package)")
     a("--reference-ops", dest="fused", action="store_false", default=S,
       help="the pure-PyTorch twins instead of the fused logmeanexp and decoder output layer (for comparisons)")
     a("--compile", action=argparse.BooleanOptionalAction, default=S,

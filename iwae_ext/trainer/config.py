@@ -16,7 +16,7 @@ __all__ = ["TrainConfig", "burda_schedule", "RESUMABLE", "BURDA_STAGES", "DTYPES
 # ``device`` (and ``flush_denormal``) change only the rounding: a resume is bit for bit when they
 # stay the same.
 RESUMABLE = ("epochs", "device", "progress", "eval_k", "eval_batch_size", "train_eval_size",
-             "data_dir", "download", "compile", "sync_every", "flush_denormal")
+             "data_dir", "download", "compile", "sync_every", "flush_denormal", "tensorboard")
 BURDA_STAGES = 8  # stage i = 0..7: 3^i passes at lr 1e-3 * 10^(-i/7)
 DTYPES = ("float32", "float64")
 PRECISIONS = ("float32", "bf16", "tf32")  # the training step's matrix products (docs/training.rst)
@@ -76,6 +76,9 @@ class TrainConfig:
     precision: str = "float32"
     sync_every: int = 100  # steps between the loop's read-backs to the host (non-finite check, stops)
     flush_denormal: bool = True  # CPU: subnormal floats as zero while training (as TensorFlow does)
+    # a directory for TensorBoard event files (rank 0; iwae_ext.trainer.tensorboard): the training
+    # bound, learning rate and step time per epoch, the test curve and the final metrics
+    tensorboard: str | None = None
 
     def resolved(self, dataset: Dataset) -> "TrainConfig":
         """A copy with defaults filled in and every field checked (errors name the field)."""
@@ -151,6 +154,11 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < (2 if name == "temps" else 1):
                 raise ValueError(f"{name} must be an integer >= {2 if name == 'temps' else 1}, got {v!r}")
         kind.check(c)  # what the model kind itself needs (errors name the field)
+        if c.tensorboard is not None:
+            if not isinstance(c.tensorboard, str) or not c.tensorboard:
+                raise ValueError(f"tensorboard must be a directory name (or None), got {c.tensorboard!r}")
+            from .tensorboard import check_available
+            check_available("tensorboard")
         if not math.isfinite(c.rho_init):
             raise ValueError(f"rho_init must be finite, got {c.rho_init!r}")
         return c

@@ -400,10 +400,21 @@ class _Run:
         self.out = config.out if self.rank == 0 else None
         if self.out:
             os.makedirs(self.out, exist_ok=True)
+        self.tensorboard = None
+        if config.tensorboard and self.rank == 0:
+            from .tensorboard import TensorBoardLog
+            self.tensorboard = TensorBoardLog(config.tensorboard, self.epoch, self.steps_per_epoch, config.to_dict())
 
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self, should_stop) -> dict:
+        try:
+            return self._run(should_stop)
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+    def _run(self, should_stop) -> dict:
         c = self.config
         bar = None
         if c.progress and self.rank == 0 and self.epoch < c.epochs:
@@ -439,6 +450,8 @@ class _Run:
             with open(os.path.join(self.out, "metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=1)
                 f.write("\n")
+        if self.tensorboard is not None:
+            self.tensorboard.final(metrics, self.epoch)
         return metrics
 
     def _start_epoch(self) -> tuple[float, "_EpochState"]:
@@ -485,6 +498,8 @@ class _Run:
         if self.out:
             with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.epoch(record)
         if self.world > 1 and self._any_rank(stop_requested()) and self.epoch < self.config.epochs:
             return True
         return False
