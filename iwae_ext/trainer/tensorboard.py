@@ -28,8 +28,9 @@ _NOT_SCALARS = ("epoch", "lr", "train_bound", "seconds", "train_seconds", "test_
 
 def check_available(where: str = "tensorboard"):
     """ValueError naming the field when torch.utils.tensorboard cannot be imported."""
+    import importlib
     try:
-        import torch.utils.tensorboard  # noqa: F401
+        importlib.import_module("torch.utils.tensorboard")
     except ImportError as e:
         raise ValueError(f"{where}: logging to TensorBoard needs the tensorboard package "
                          f"(pip install tensorboard, or pip install iwae_ext[tensorboard]): {e}") from None
