@@ -101,7 +101,7 @@ def _keyed_draw(q: Distribution, shape: tuple) -> Tensor | None:
 
 def _draw(q: Distribution, shape: tuple) -> Tensor:
     from .keyed import active
-    if active() and type(q).__module__.startswith("torch.distributions"):
+    if active() and type(q).__module__.startswith(("torch.distributions", "pyro.distributions")):
         z = _keyed_draw(q, shape)
         if z is not None:
             return z
