@@ -215,8 +215,9 @@ class PyroModel(nn.Module):
 
     def __init__(self, model, guide, modules=(), example: Tensor | None = None):
         super().__init__()
+        import importlib
         try:
-            import pyro  # noqa: F401
+            importlib.import_module("pyro")
         except ImportError as e:
             raise AdapterError(f"from_pyro: Pyro is not installed (pip install pyro-ppl): {e}") from None
         if not callable(model) or not callable(guide):
