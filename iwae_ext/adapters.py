@@ -213,7 +213,7 @@ class PyroModel(nn.Module):
     """A Pyro model and guide with one local latent site as a LatentVariableModel (see
     :func:`from_pyro`)."""
 
-    def __init__(self, model, guide, modules=(), example: Tensor | None = None):
+    def __init__(self, model, guide, modules=(), decoder: nn.Module | None = None, example: Tensor | None = None):
         super().__init__()
         import importlib
         try:
@@ -222,13 +222,21 @@ class PyroModel(nn.Module):
             raise AdapterError(f"from_pyro: Pyro is not installed (pip install pyro-ppl): {e}") from None
         if not callable(model) or not callable(guide):
             raise AdapterError("from_pyro: model and guide must be callables taking the data x [B, ...]")
+        if decoder is not None and not isinstance(decoder, nn.Module):
+            raise AdapterError(f"from_pyro: decoder must be the nn.Module whose output the model's likelihood "
+                               f"takes, got {type(decoder).__name__}")
         self.model_fn, self.guide_fn = model, guide
-        self.networks = nn.ModuleList(list(modules))
-        self.site = None
+        self.networks = nn.ModuleList(list(modules) + ([decoder] if decoder is not None else []))
+        self.decoder = decoder
+        self.site = None  # the latent site's name
         self.likelihood = None
+        self.vectorized = None  # the S samples as a plate of Pyro's (True) or as S x B data rows (False)
+        self._final = None  # the decoder's output layer, once the fused path is checked
+        self._checked = False
         if example is not None:
-            self.posterior(example)
-            self._check_model(example[:2], None)
+            self._setup(example)
+
+    # -- tracing ---------------------------------------------------------------------------------
 
     def _guide_site(self, x: Tensor) -> dict:
         import pyro
@@ -245,6 +253,115 @@ class PyroModel(nn.Module):
                                f"is not reparameterisable (no rsample)")
         return site
 
+    def _trace(self, x: Tensor, z: Tensor, vectorized: bool, stop_at_output: bool = False):
+        """The model's trace conditioned on z: z [S, B, Z] with the S samples as a plate over
+        x [B, ...] (vectorized), or z [N, Z] for data rows x [N, ...]. ``stop_at_output``: the
+        model stops where the decoder's output layer is called; (trace so far, its input)."""
+        import pyro
+        from pyro import poutine
+        handler = poutine.trace(poutine.condition(self.model_fn, data={self.site: z}))
+        hook = self._final.register_forward_pre_hook(_raise_input) if stop_at_output else None
+        try:
+            with pyro.validation_enabled(False):
+                if vectorized:
+                    with pyro.plate("_iwae_ext_samples", z.shape[0], dim=-2):
+                        handler(x)
+                else:
+                    handler(x)
+        except _Captured as c:
+            return handler.trace, c.args[0]
+        finally:
+            if hook is not None:
+                hook.remove()
+        if stop_at_output:
+            raise AdapterError("from_pyro: the model did not call the decoder's output layer")
+        return handler.trace, None
+
+    def _site_log_probs(self, trace, shape: tuple) -> Tensor:
+        total = 0
+        for s in _samples(trace):
+            lp = s["fn"].log_prob(s["value"])
+            if lp.shape != shape:
+                raise AdapterError(f"from_pyro: the model's site {s['name']!r} has log-density shape "
+                                   f"{list(lp.shape)}, expected {list(shape)} (one value per sample and "
+                                   f"data row: sample it inside a plate over the data, with .to_event "
+                                   f"for the per-row dimensions, and size the plate by x)")
+            total = total + lp
+        return total
+
+    def _setup(self, x: Tensor):
+        """Checks the pair on a few rows of x once: the sites, how samples are batched, the
+        likelihood, and whether the fused output layer reproduces the model's log p(x, z)."""
+        x = x[:2]
+        q = self.posterior(x)
+        z = q.sample((2,))  # [2, B, Z]
+        rows = z.reshape(-1, z.shape[-1])
+        x_rows = x.repeat(2, *([1] * (x.dim() - 1)))
+        try:  # Pyro's own vectorisation (as vectorize_particles): the samples as a plate at dim -2
+            trace, _ = self._trace(x, z, True)
+            self.vectorized = True
+        except (ValueError, RuntimeError):
+            trace, _ = self._trace(x_rows, rows, False)
+            self.vectorized = False
+        self._check_sites(trace)
+        ref = None
+        if self.vectorized:
+            try:
+                ref = self._site_log_probs(trace, (2, x.shape[0]))
+            except (AdapterError, RuntimeError):
+                self.vectorized = False
+                trace, _ = self._trace(x_rows, rows, False)
+        if ref is None:
+            ref = self._site_log_probs(trace, (rows.shape[0],)).reshape(2, x.shape[0])
+        obs = [getattr(s["fn"], "base_dist", s["fn"]) for s in _samples(trace) if s["is_observed"] and s["name"] != self.site]
+        self.likelihood = ("bernoulli" if obs and all(isinstance(b, D.Bernoulli) for b in obs)
+                           else "gaussian" if obs and all(isinstance(b, D.Normal) for b in obs) else "other")
+        self._checked = True
+        if self.decoder is not None and self.likelihood == "bernoulli" and len(obs) == 1 and self.vectorized:
+            self._final = self._check_fused(x, z, ref)
+
+    def _check_sites(self, trace):
+        names = [s["name"] for s in _samples(trace)]
+        if self.site not in names:
+            raise AdapterError(f"from_pyro: the model has no sample site {self.site!r}, which the guide samples")
+        other = [s["name"] for s in _samples(trace) if not s["is_observed"] and s["name"] != self.site]
+        if other:
+            raise AdapterError(f"from_pyro: the model has latent sites the guide does not sample: "
+                               f"{', '.join(repr(n) for n in other)} (one local latent site only)")
+
+    def _check_fused(self, x: Tensor, z: Tensor, ref: Tensor):
+        linears = [m for m in self.decoder.modules() if isinstance(m, nn.Linear)]
+        width = math.prod(x.shape[1:])
+        if not linears or linears[-1].out_features != width or linears[-1].bias is None:
+            return None
+        self._final = linears[-1]
+        try:
+            with torch.no_grad():
+                mine = self._fused_log_joint(x, z)
+        except (AdapterError, RuntimeError, ValueError):
+            mine = None
+        finally:
+            self._final = None
+        tol = 1e-4 if ref.dtype == torch.float32 else 1e-10
+        if mine is None or mine.shape != ref.shape or not torch.allclose(mine, ref.to(mine.dtype), rtol=tol, atol=tol):
+            return None
+        return linears[-1]
+
+    def _fused_log_joint(self, x: Tensor, z: Tensor) -> Tensor:
+        """log p(z) from the model's latent site, log p(x|z) by the fused output layer from the
+        decoder's last hidden layer (the model stops there)."""
+        trace, h = self._trace(x, z, True, stop_at_output=True)
+        site = trace.nodes[self.site]
+        from .ops import bernoulli_log_prob
+        return site["fn"].log_prob(site["value"]) + bernoulli_log_prob(
+            h, self._final.weight, self._final.bias, x.reshape(x.shape[0], -1))
+
+    @property
+    def fused(self) -> bool:
+        return self._final is not None
+
+    # -- the protocol ---------------------------------------------------------------------------
+
     def posterior(self, x: Tensor) -> D.Distribution:
         site = self._guide_site(x)
         q = site["fn"]
@@ -258,50 +375,23 @@ class PyroModel(nn.Module):
         self.site = site["name"]
         return q
 
-    def _check_model(self, x: Tensor, z: Tensor | None):
-        if z is None:
-            z = self.posterior(x).sample()
-        self._model_trace(x, z)
-
-    def _model_trace(self, x: Tensor, z: Tensor):
-        """The model's trace conditioned on z [N, Z] for the data x [N, ...], with per-site log
-        densities of batch shape [N]."""
-        import pyro
-        from pyro import poutine
-        with pyro.validation_enabled(False):
-            trace = poutine.trace(poutine.condition(self.model_fn, data={self.site: z})).get_trace(x)
-        names = [s["name"] for s in _samples(trace)]
-        if self.site not in names:
-            raise AdapterError(f"from_pyro: the model has no sample site {self.site!r}, which the guide samples")
-        other = [s["name"] for s in _samples(trace) if not s["is_observed"] and s["name"] != self.site]
-        if other:
-            raise AdapterError(f"from_pyro: the model has latent sites the guide does not sample: "
-                               f"{', '.join(repr(n) for n in other)} (one local latent site only)")
-        if self.likelihood is None:
-            obs = [s["fn"] for s in _samples(trace) if s["is_observed"] and s["name"] != self.site]
-            base = [getattr(f, "base_dist", f) for f in obs]
-            self.likelihood = ("bernoulli" if base and all(isinstance(b, D.Bernoulli) for b in base)
-                               else "gaussian" if base and all(isinstance(b, D.Normal) for b in base) else "other")
-        return trace
-
     def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
-        """log p(x, z) for x [B, D], z [S, B, Z]: the model run once on the S * B rows."""
-        if self.site is None:
-            self.posterior(x[:1])
+        """log p(x, z) for x [B, D], z [S, B, Z]: the model run once for all S x B pairs."""
+        if not self._checked:
+            self._setup(x)
         lead = z.shape[:-1]
-        rows = z.reshape(-1, z.shape[-1])
-        xr = x.expand(*lead, *x.shape[1:]).reshape(rows.shape[0], *x.shape[1:])
-        trace = self._model_trace(xr, rows)
-        total = 0
-        for s in _samples(trace):
-            lp = s["fn"].log_prob(s["value"])
-            if lp.shape != (rows.shape[0],):
-                raise AdapterError(f"from_pyro: the model's site {s['name']!r} has log-density shape "
-                                   f"{list(lp.shape)}, expected [{rows.shape[0]}] (one value per data row: "
-                                   f"sample it inside a plate over the data, with .to_event for the "
-                                   f"per-row dimensions, and size the plate by x)")
-            total = total + lp
-        return total.reshape(lead)
+        zs = z.reshape(-1, *z.shape[-2:]) if z.dim() > 2 else z.unsqueeze(0)  # [S, B, Z]
+        if self._final is not None:
+            out = self._fused_log_joint(x, zs)
+        elif self.vectorized:
+            trace, _ = self._trace(x, zs, True)
+            out = self._site_log_probs(trace, tuple(zs.shape[:-1]))
+        else:
+            rows = zs.reshape(-1, zs.shape[-1])
+            xr = x.expand(zs.shape[0], *x.shape).reshape(rows.shape[0], *x.shape[1:])
+            trace, _ = self._trace(xr, rows, False)
+            out = self._site_log_probs(trace, (rows.shape[0],))
+        return out.reshape(lead)
 
 
 def _dist_name(fn) -> str:
@@ -316,16 +406,22 @@ def _samples(trace) -> list[dict]:
     return [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
 
 
-def from_pyro(model, guide, modules=(), example: Tensor | None = None) -> PyroModel:
+def from_pyro(model, guide, modules=(), decoder: nn.Module | None = None,
+              example: Tensor | None = None) -> PyroModel:
     """A Pyro ``model(x)`` / ``guide(x)`` pair with one local latent site as a LatentVariableModel.
 
     The guide's single latent site gives q(z|x) (a reparameterisable distribution with batch
     shape [B] and event shape [Z]); log p(x, z) is the model's trace conditioned on z, run once
-    on all S x B rows of a chunk (so the model's data plate must be sized by x). ``modules``:
-    the networks the model and guide use (their ``nn.Module``s): they give the device and dtype,
-    and are put in eval mode during evaluation. ``example``: a few data rows to check the pair
-    now rather than at first use. Refused by name (:class:`AdapterError`): several latent sites
-    in the guide, a latent site of the model the guide does not sample, a site that is not
-    reparameterisable, and sites outside a plate over the data.
+    for all S samples of a chunk at once: as Pyro's ``vectorize_particles`` does, with the
+    samples as a plate at dim -2 around the model's data plate, or, for a model that cannot be
+    vectorised so, on S x B data rows (its data plate sized by x). ``modules``: the networks the
+    model and guide use (their ``nn.Module``s): they give the device and dtype, and are put in
+    eval mode during evaluation. ``decoder``: the network whose output is the logits of the
+    model's Bernoulli likelihood; where its last ``nn.Linear`` gives those logits (checked on
+    the first data, against the model's own log p(x, z)), log p(x|z) is the package's fused
+    output layer and the model runs only up to that layer. ``example``: a few data rows to check
+    the pair now rather than at first use. Refused by name (:class:`AdapterError`): several
+    latent sites in the guide, a latent site of the model the guide does not sample, a site that
+    is not reparameterisable, and sites outside a plate over the data.
     """
-    return PyroModel(model, guide, modules, example)
+    return PyroModel(model, guide, modules, decoder, example)

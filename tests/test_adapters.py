@@ -90,8 +90,15 @@ def test_pyro_lk_equals_renyi_elbo_and_ais_lies_above(pyro_model, data):
     x = data[1]
     model = adapters.from_pyro(pyro_model.model, pyro_model.guide, modules=[pyro_model], example=x[:2])
     assert isinstance(model, iwae_ext.LatentVariableModel) and model.likelihood == "bernoulli"
+    assert model.vectorized and not model.fused
     ours = evaluate.bounds(model, x, k=1000, seed=0)
     _agree(ours.log_likelihood, peers.pyro_renyi(pyro_model, x, 1000), "L_1000 against Pyro's RenyiELBO(0)")
+    # given the decoder, the fused output layer: the same values on the same draws
+    fused = adapters.from_pyro(pyro_model.model, pyro_model.guide, modules=[pyro_model],
+                               decoder=pyro_model.decoder, example=x[:2])
+    assert fused.fused
+    torch.testing.assert_close(evaluate.bounds(fused, x, k=1000, seed=0).log_likelihood, ours.log_likelihood,
+                               rtol=0, atol=2e-3)
     with _no_warning():  # Pyro's Normal is drawn from the keyed streams: no warning, and per-image values
         again = evaluate.bounds(model, x[:3], k=50, seed=4, batch_size=1)
     torch.testing.assert_close(again.log_likelihood, evaluate.bounds(model, x[:3], k=50, seed=4).log_likelihood,
@@ -143,3 +150,24 @@ def test_pyro_pairs_it_cannot_express_are_refused_by_name(pyro_model):
 
     with pytest.raises(adapters.AdapterError, match="batch shape \\[B\\]"):
         adapters.from_pyro(pyro_model.model, no_plate, example=x)
+
+
+def test_a_pyro_model_that_cannot_be_vectorised_runs_on_data_rows(pyro_model, data):
+    import pyro
+    import pyro.distributions as dist
+    x = data[1][:5]
+
+    def flat_model(x):  # reshapes by x's batch size: Pyro's vectorisation of samples breaks it
+        pyro.module("decoder", pyro_model.decoder)
+        with pyro.plate("data", x.shape[0]):
+            zero = x.new_zeros(x.shape[0], pyro_model.latent)
+            z = pyro.sample("z", dist.Normal(zero, torch.ones_like(zero)).to_event(1))
+            logits = pyro_model.decoder(z).reshape(x.shape[0], -1)
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    rows = adapters.from_pyro(flat_model, pyro_model.guide, modules=[pyro_model], decoder=pyro_model.decoder,
+                              example=x)
+    assert not rows.vectorized and not rows.fused
+    vec = adapters.from_pyro(pyro_model.model, pyro_model.guide, modules=[pyro_model], example=x)
+    torch.testing.assert_close(evaluate.bounds(rows, x, k=200, seed=0).log_likelihood,
+                               evaluate.bounds(vec, x, k=200, seed=0).log_likelihood, rtol=0, atol=1e-3)
