@@ -18,10 +18,14 @@ Random weights (IWAER, IWAER_rec; Hernandez-Lobato et al.): ``VAE(..., random_we
 makes those networks' layers :class:`BayesLinear`. ``log_weights(x, k)`` then draws the weights
 per data point and per importance sample, jointly with z (Hernandez-Lobato et al., eq. 3), so L_k and its
 evaluation need no other code; ``posterior(x)`` draws one encoder weight sample per data point.
+
+:class:`NetworkVAE` is the same interface around the user's own encoder and decoder networks
+(convolutional or any other ``nn.Module``), which ``iwae_ext.train(encoder=..., decoder=...)`` trains.
 """
 from .bayes import BayesLinear
+from .networks import NetworkVAE
 from .vae import (MLP, BernoulliDecoder, ConditionalGaussian, DiagonalNormal, GaussianDecoder,
                   HierarchicalPosterior, VAE)
 
 __all__ = ["MLP", "ConditionalGaussian", "DiagonalNormal", "BernoulliDecoder", "GaussianDecoder",
-           "HierarchicalPosterior", "VAE", "BayesLinear"]
+           "HierarchicalPosterior", "VAE", "BayesLinear", "NetworkVAE"]

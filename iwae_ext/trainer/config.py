@@ -79,6 +79,9 @@ class TrainConfig:
     # a directory for TensorBoard event files (rank 0; iwae_ext.trainer.tensorboard): the training
     # bound, learning rate and step time per epoch, the test curve and the final metrics
     tensorboard: str | None = None
+    # set by train(encoder=..., decoder=...): the user's networks, described (classes, latent size,
+    # likelihood, input shape); their code is not saved, so resuming or loading needs them again
+    networks: dict | None = None
 
     def resolved(self, dataset: Dataset) -> "TrainConfig":
         """A copy with defaults filled in and every field checked (errors name the field)."""
@@ -153,6 +156,17 @@ class TrainConfig:
             v = getattr(c, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (2 if name == "temps" else 1):
                 raise ValueError(f"{name} must be an integer >= {2 if name == 'temps' else 1}, got {v!r}")
+        if c.networks is not None:
+            if not isinstance(c.networks, dict) or c.networks.get("class") != "NetworkVAE":
+                raise ValueError("networks is set by train(encoder=..., decoder=...), not by hand")
+            if c.model not in ("vae", "iwae"):
+                raise ValueError(f"model {c.model!r} needs the package's MLPs (its objective reaches into "
+                                 f"their layers); the user's own encoder and decoder train as 'vae' or 'iwae'")
+            if c.layers != 1:
+                raise ValueError("the user's own encoder and decoder make one stochastic layer: layers=1")
+            if c.init_from:
+                raise ValueError("init_from copies the package's MLPs; with your own networks, load their "
+                                 "weights before passing them to train()")
         kind.check(c)  # what the model kind itself needs (errors name the field)
         if c.tensorboard is not None:
             if not isinstance(c.tensorboard, str) or not c.tensorboard:

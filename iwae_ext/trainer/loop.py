@@ -152,6 +152,33 @@ def build_model(config: TrainConfig, dataset: Dataset) -> VAE:
                rho_init=config.rho_init, decoder_hidden=config.decoder_hidden)
 
 
+def _network_model(encoder: nn.Module, decoder: nn.Module, config: TrainConfig, dataset: Dataset):
+    """The user's networks as a NetworkVAE; Z read from the encoder's output on two rows."""
+    from ..models import NetworkVAE
+    for name, net in (("encoder", encoder), ("decoder", decoder)):
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"train: {name} must be an nn.Module, got {type(net).__name__}")
+    shape = tuple(dataset.image_shape)
+    if len(shape) == 2:
+        shape = (1, *shape)  # one channel, as convolutional networks take images
+    x = dataset.split("train")[:2]
+    p = next(encoder.parameters(), None)
+    if p is not None:
+        x = x.to(device=p.device, dtype=p.dtype)
+    with torch.no_grad():
+        out = encoder(x.reshape(2, *shape) if math.prod(shape) == x.shape[1] else x)
+    if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor):
+        latent = out[0].shape[-1]
+    elif isinstance(out, Tensor) and out.shape[-1] % 2 == 0:
+        latent = out.shape[-1] // 2
+    else:
+        raise ValueError("train: the encoder must return (loc, log_variance), each [B, Z], or one tensor "
+                         f"[B, 2 Z]; it returned {type(out).__name__}")
+    likelihood = config.decoder or dataset.likelihood
+    return NetworkVAE(encoder, decoder, int(latent), likelihood,
+                      input_shape=shape if math.prod(shape) == dataset.x_dim else None, x_dim=dataset.x_dim)
+
+
 def _init_from(model: VAE, path: str) -> VAE:
     """The model's parameters from a trained run: copied, or (deterministic run, random-weight
     model) used as the means of the random weights."""
@@ -206,7 +233,7 @@ def _resume_config(config: TrainConfig, overrides: dict):
 
 
 def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | None = None,
-          **overrides) -> dict:
+          encoder: nn.Module | None = None, decoder: nn.Module | None = None, **overrides) -> dict:
     """Train (and evaluate) one model; returns the final metrics (also in ``out/metrics.json``).
 
     ``config`` or keyword overrides of :class:`~iwae_ext.trainer.config.TrainConfig` fields. With ``resume=True`` the
@@ -221,9 +248,25 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
     data-parallel (DistributedDataParallel; gloo on CPUs, NCCL on GPUs, ``device="cuda"`` meaning
     this rank's LOCAL_RANK GPU): the global batch ``batch_size`` is split across the ranks, only
     rank 0 writes files, and the final evaluation is split across the ranks and gathered.
+
+    ``encoder`` and ``decoder``: the user's own networks instead of the package's MLPs (model
+    "vae" or "iwae", any estimator), made a :class:`~iwae_ext.models.NetworkVAE`: the encoder
+    takes data points in the data set's image shape and returns (loc, log-variance) or one
+    tensor of both, the decoder takes z [N, Z] and returns the logits (Bernoulli) or the mean
+    and log-variance (Gaussian); Z is read from the encoder. The checkpoint names their classes
+    but cannot hold their code: pass the same networks again to resume, and to
+    :func:`~iwae_ext.trainer.load_checkpoint`.
     """
+    if "networks" in overrides:
+        raise ValueError("networks is set by train(encoder=..., decoder=...), not by hand")
     config = dataclasses.replace(config or TrainConfig(), **overrides)
     config, ckpt = _resume_config(config, overrides)
+    if (encoder is None) != (decoder is None):
+        raise ValueError("train: give both encoder and decoder (your own networks), or neither (the package's MLPs)")
+    if config.networks and encoder is None:
+        raise ValueError(f"this run trained your own networks ({config.networks['encoder']} and "
+                         f"{config.networks['decoder']}), whose code a checkpoint cannot hold: pass "
+                         f"encoder= and decoder=, built as for the run, to resume it")
     if data is not None:
         if not isinstance(data, Dataset):
             raise TypeError(f"data must be an iwae_ext.data.Dataset, got {type(data).__name__}")
@@ -233,6 +276,15 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
         dataset = load_dataset(config.dataset, config.data_dir, config.download)
     if config.subset:
         dataset = _subset(dataset, config.subset, config.seed)
+    model = None
+    if encoder is not None:
+        model = _network_model(encoder, decoder, config, dataset)
+        if config.networks is not None:  # resuming: the same networks as the run's
+            for part in ("encoder", "decoder", "latent_dim", "likelihood"):
+                if model.config[part] != config.networks[part]:
+                    raise ValueError(f"resume: the run's {part} is {config.networks[part]!r}, the one "
+                                     f"given is {model.config[part]!r}")
+        config = dataclasses.replace(config, networks=model.config, latent_dim=[model.latent_dim])
     config = config.resolved(dataset)
     device = _device(config.device)
     # decided once and saved with the run: a resumed run keeps its mode (resume is exact per mode)
@@ -240,7 +292,7 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
     group = Dist(device)
     run = None
     try:
-        run = _Run(config, dataset, device, group, ckpt)
+        run = _Run(config, dataset, device, group, ckpt, model)
         return run.run(should_stop)
     finally:
         # the run's DistributedDataParallel reducer sits in reference cycles: collected here, it
@@ -340,12 +392,13 @@ def _quiet_first_call(fn):
 
 
 class _Run:
-    def __init__(self, config: TrainConfig, dataset: Dataset, device: torch.device, group: Dist, ckpt):
+    def __init__(self, config: TrainConfig, dataset: Dataset, device: torch.device, group: Dist, ckpt,
+                 model: nn.Module | None = None):
         self.config, self.dataset, self.device, self.group = config, dataset, device, group
         self.rank, self.world = group.rank, group.world
         self.dtype = getattr(torch, config.dtype)
         torch.manual_seed(config.seed)  # the initial parameters: the same on every rank
-        model = build_model(config, dataset)
+        model = model if model is not None else build_model(config, dataset)
         if config.init_from and ckpt is None:
             model = _init_from(model, config.init_from)
         self.model = model.to(device=device, dtype=self.dtype)
