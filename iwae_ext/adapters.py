@@ -195,7 +195,7 @@ class PythaeModel(nn.Module):
 
 
 def from_pythae(model, fused: bool = True) -> PythaeModel:
-    """A trained pythae model of the Gaussian-encoder VAE family (:data:`PYTHAE_MODELS`: VAE, IWAE,
+    """A trained pythae model of the Gaussian-encoder VAE family (``PYTHAE_MODELS``: VAE, IWAE,
     beta-VAEs, ...) as a LatentVariableModel: L_k, AIS, SIR and the report take it as it is.
 
     With ``fused`` (default) and a Bernoulli decoder ("bce") whose output is the sigmoid of a

@@ -46,7 +46,8 @@ def _one(fragment):
 CLAIMS = ("iwae_ext.build_info()", 'iwae_ext.train(model="iwae", k=5, epochs=30',
           "from iwae_ext.ops import logmeanexp", "samplers.ais(", "class MyVAE",
           "part = evaluate.bounds(", "class IWAEPlusELBO", "class Narrow",
-          "EventAccumulator(")
+          "EventAccumulator(", "adapters.from_pythae(trained)", "adapters.from_pyro(model, guide",
+          "encoder=encoder, decoder=decoder, out=")
 
 
 def test_every_python_snippet_is_claimed_by_a_test():
@@ -126,6 +127,34 @@ def test_tensorboard_snippet_logs_each_epoch(capsys, tmp_path, monkeypatch):
     exec(_one("EventAccumulator("), {})
     shown = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
     assert [step for step, _ in shown] == [1, 2] and all(-600 < bound < -50 for _, bound in shown)
+
+
+def test_pythae_snippet_evaluates_a_pythae_model(capsys):
+    pytest.importorskip("pythae", reason="pythae is not installed (pip install iwae_ext[pythae])")
+    ns = {}
+    exec(_one("adapters.from_pythae(trained)"), ns)
+    assert ns["model"].fused and torch.isfinite(ns["b"].log_likelihood).all() and ns["b"].khat.shape == (20,)
+    assert capsys.readouterr().out.startswith("pythae IWAE: L_1000 = ")
+
+
+def test_pyro_snippet_evaluates_a_pyro_model(capsys):
+    pytest.importorskip("pyro", reason="Pyro is not installed (pip install iwae_ext[pyro])")
+    import pyro
+    pyro.clear_param_store()
+    ns = {}
+    exec(_one("adapters.from_pyro(model, guide"), ns)
+    assert ns["wrapped"].fused and ns["wrapped"].vectorized
+    assert torch.isfinite(ns["b"].log_likelihood).all() and torch.isfinite(ns["ais"]).all()
+    assert capsys.readouterr().out.startswith("Pyro VAE: L_1000 = ")
+
+
+def test_own_networks_snippet_trains_and_reloads(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    exec(_one("encoder=encoder, decoder=decoder, out="), ns)
+    assert isinstance(ns["model"], iwae_ext.models.NetworkVAE)
+    assert ns["metrics"]["config"]["networks"]["encoder"] == "torch.nn.modules.container.Sequential"
+    assert capsys.readouterr().out.startswith("convolutional IWAE: test L_100 = ")
 
 
 def test_per_image_streams_snippet_runs_alone(capsys):

@@ -255,7 +255,7 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
     tensor of both, the decoder takes z [N, Z] and returns the logits (Bernoulli) or the mean
     and log-variance (Gaussian); Z is read from the encoder. The checkpoint names their classes
     but cannot hold their code: pass the same networks again to resume, and to
-    :func:`~iwae_ext.trainer.load_checkpoint`.
+    :func:`~iwae_ext.trainer.checkpoint.load_checkpoint`.
     """
     if "networks" in overrides:
         raise ValueError("networks is set by train(encoder=..., decoder=...), not by hand")
