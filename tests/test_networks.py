@@ -147,3 +147,13 @@ def test_own_networks_under_torchrun_follow_one_process(tmp_path):
     b = torch.load(os.path.join(two, "checkpoint.pt"), weights_only=True)["model_state"]
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_own_networks_train_under_bf16_autocast(tmp_path):
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.Tanh(), nn.Linear(32, 6))
+    dec = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 784))
+    m = iwae_ext.train(model="iwae", epochs=2, precision="bf16", encoder=enc, decoder=dec, out=str(tmp_path / "bf16"),
+                       **dict(SMALL, dtype="float32"))
+    lines = [json.loads(line) for line in open(tmp_path / "bf16" / "metrics.jsonl")]
+    assert lines[1]["train_bound"] > lines[0]["train_bound"] and m["test_log_likelihood"] > m["test_elbo"]

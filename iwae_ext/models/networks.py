@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .vae import LOG_2PI, DiagonalNormal, standard_normal_log_prob
+from .vae import LOG_2PI, DiagonalNormal, _full, standard_normal_log_prob
 
 __all__ = ["NetworkVAE"]
 
@@ -110,15 +110,16 @@ class NetworkVAE(nn.Module):
         if loc.shape != (x.shape[0], self.latent_dim) or logvar.shape != loc.shape:
             raise ValueError(f"NetworkVAE: the encoder's loc and log_variance must be [B, Z] = "
                              f"[{x.shape[0]}, {self.latent_dim}], got {tuple(loc.shape)} and {tuple(logvar.shape)}")
-        return loc, logvar
+        # under bfloat16 autocast the networks' products are bfloat16; densities and draws are float32
+        return _full(loc), _full(logvar)
 
     def _decode(self, z: Tensor):
         """The decoder's output for z [..., Z], rows flattened: logits [..., D], or (mean, logvar)."""
         lead = z.shape[:-1]
         out = self.decoder(z.reshape(-1, self.latent_dim))
         if isinstance(out, (tuple, list)):
-            return tuple(t.reshape(*lead, self.x_dim) for t in out)
-        return out.reshape(*lead, self.x_dim)
+            return tuple(_full(t).reshape(*lead, self.x_dim) for t in out)
+        return _full(out).reshape(*lead, self.x_dim)
 
     def _check(self):
         if self._checked:
@@ -185,7 +186,10 @@ class NetworkVAE(nn.Module):
             from ..ops import bernoulli_log_prob
             lead = z.shape[:-1]
             h = self._hidden(z.reshape(-1, self.latent_dim))
-            return bernoulli_log_prob(h.reshape(*lead, h.shape[-1]), self._final.weight, self._final.bias, x)
+            w = self._final.weight
+            if h.dtype != w.dtype:  # under bfloat16 autocast: the output layer in the weights' dtype
+                h = h.to(w.dtype)
+            return bernoulli_log_prob(h.reshape(*lead, h.shape[-1]), w, self._final.bias, x.to(w.dtype))
         out = self._decode(z)
         if self.likelihood == "bernoulli":
             logits = out if isinstance(out, Tensor) else out[0]
