@@ -65,28 +65,101 @@ def evaluation(models: dict, x: torch.Tensor, k: int, rounds: int, pythae_batch:
                                               dtype=torch.float64))
     if "pyro" in models:
         vae = models["pyro"]
-        wrapped_pyro = adapters.from_pyro(vae.model, vae.guide, modules=[vae])
+        wrapped_pyro = adapters.from_pyro(vae.model, vae.guide, modules=[vae], decoder=vae.decoder)
         fns["pyro"] = (lambda: evaluate.bounds(wrapped_pyro, x, k, seed=seed).log_likelihood,
                        lambda: peers.pyro_renyi(vae, x, k))
-    times = {name: {"ours": [], "theirs": []} for name in fns}
+    floors = {name: _floor(models[name], x, k) for name in fns}
+    times = {name: {"ours": [], "theirs": [], "floor": []} for name in fns}
     for r in range(rounds):
         for name, (ours, theirs) in fns.items():
-            order = [("ours", ours), ("theirs", theirs)] if r % 2 == 0 else [("theirs", theirs), ("ours", ours)]
+            order = [("ours", ours), ("theirs", theirs), ("floor", floors[name])]
+            order = order[r % 3:] + order[:r % 3]
             for who, fn in order:
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     value = fn()
                 times[name][who].append(time.perf_counter() - t0)
-                if r == 0:
+                if r == 0 and who != "floor":
                     estimates.setdefault(name, {})[who] = value
     out = {}
     for name in fns:
         t = times[name]
         ratios = [b / a for a, b in zip(t["ours"], t["theirs"])]
-        out[name] = {"ours_seconds": t["ours"], "theirs_seconds": t["theirs"],
+        out[name] = {"ours_seconds": t["ours"], "theirs_seconds": t["theirs"], "floor_seconds": t["floor"],
                      "ours_median": median(t["ours"]), "theirs_median": median(t["theirs"]),
+                     "floor_median": median(t["floor"]),
+                     "ours_over_floor": median([a / f for a, f in zip(t["ours"], t["floor"])]),
+                     "peer_over_floor": median([b / f for b, f in zip(t["theirs"], t["floor"])]),
                      "speedup_rounds": ratios, "speedup": median(ratios),
                      "estimates": paired(estimates[name]["ours"], estimates[name]["theirs"])}
+    return out
+
+
+def _floor(model, x: torch.Tensor, k: int, batch_size: int = 100, max_rows: int = 10_000):
+    """The bare float32 products of the same evaluation: the decoder's forward up to its logits
+    (its output layer included; no sigmoid, no likelihood) on k draws for every image, in L_k's
+    chunks, and the encoder once per chunk: what no evaluator of this model avoids."""
+    if hasattr(model, "decoder") and hasattr(model, "body"):  # the Pyro VAE
+        encode, decode, latent = (lambda xb: model.loc(model.body(xb))), model.decoder, model.latent
+    else:  # the pythae IWAE (benchmarks/peers.py): its user networks, the decoder up to its logits
+        encode = lambda xb: model.encoder(xb).embedding  # noqa: E731
+        net = model.decoder.net
+        decode = net[:-1] if isinstance(net[-1], torch.nn.Sigmoid) else net
+        latent = model.latent_dim
+
+    def run():
+        with torch.no_grad():
+            for start in range(0, x.shape[0], batch_size):
+                xb = x[start:start + batch_size]
+                chunk = max(1, min(k, max_rows // xb.shape[0]))
+                for done in range(0, k, chunk):
+                    kc = min(chunk, k - done)
+                    encode(xb)
+                    decode(torch.randn(kc * xb.shape[0], latent))
+    return run
+
+
+CATEGORIES = (  # (category, substrings of the profiler's op names), first match wins
+    ("keyed draws", ("keyed_random",)),
+    ("likelihood (output layer and Bernoulli)", ("bernoulli_log_prob", "log_sigmoid", "binary_cross_entropy",
+                                                 "softplus", "sigmoid")),
+    ("matrix products and activations (networks, output layer)", ("addmm", "mm", "tanh", "relu", "linear")),
+    ("logmeanexp, k-hat and chunk combination", ("logmeanexp", "logsumexp", "topk", "exp", "log")),
+    ("copies", ("copy_", "cat", "clone", "contiguous", "expand", "repeat")),
+)
+
+
+def profile(models: dict, x: torch.Tensor, k: int, seed: int) -> dict:
+    """Where L_k's time goes on each adapter: the profiler's self CPU time of the ops by category,
+    and the rest of the wall time (Python: the user's model code, Pyro's tracing, ours)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    wrapped = {}
+    if "pythae" in models:
+        wrapped["pythae"] = adapters.from_pythae(models["pythae"])
+    if "pyro" in models:
+        vae = models["pyro"]
+        wrapped["pyro"] = adapters.from_pyro(vae.model, vae.guide, modules=[vae], decoder=vae.decoder)
+    out = {}
+    for name, model in wrapped.items():
+        evaluate.bounds(model, x[:10], 100, seed=seed)  # warm up
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            evaluate.bounds(model, x, k, seed=seed)
+            wall = time.perf_counter() - t0
+        cats = {c: 0.0 for c, _ in CATEGORIES}
+        cats["other ops"] = 0.0
+        for e in prof.key_averages():
+            op = e.key.split("::")[-1]
+            seconds = e.self_cpu_time_total / 1e6
+            for c, keys in CATEGORIES:
+                if any(key in op for key in keys):
+                    cats[c] += seconds
+                    break
+            else:
+                cats["other ops"] += seconds
+        cats["Python and dispatch (the rest of the wall time)"] = max(0.0, wall - sum(cats.values()))
+        out[name] = {"wall_seconds": wall, "seconds": cats, "fused": model.fused}
     return out
 
 
@@ -143,6 +216,8 @@ def main(argv=None):
     p.add_argument("--train-steps", type=int, default=20, help="steps per timed block of the training table")
     p.add_argument("--train-rounds", type=int, default=7)
     p.add_argument("--no-training", dest="training", action="store_false")
+    p.add_argument("--profile", action="store_true", help="also break L_k's time down by category "
+                   "(torch.profiler; one thread)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -166,6 +241,9 @@ def main(argv=None):
     result = {"images": args.images, "k": args.k, "rounds": args.rounds, "epochs": args.epochs,
               "train_images": args.train_images, "pythae_batch": args.pythae_batch, "skipped": skipped,
               "peer_training_seconds": train_seconds, "evaluation": {}, "training": {}}
+    if args.profile:
+        torch.set_num_threads(1)
+        result["profile"] = profile(models, x, args.k, args.seed)
     threads = [int(t) for t in args.threads.split(",")]
     for t in threads:
         torch.set_num_threads(t)
@@ -179,16 +257,28 @@ def main(argv=None):
 
 
 def table(r: dict) -> str:
-    lines = [f"L_{r['k']} of {r['images']} test images (median s of {r['rounds']} interleaved rounds)", "",
-             "| threads | model | iwae_ext | peer | speedup (rounds) | estimates: ours - peer |",
-             "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    lines = [f"L_{r['k']} of {r['images']} test images (median s of {r['rounds']} interleaved rounds; floor: "
+             f"the bare float32 products of the same evaluation)", "",
+             "| threads | model | iwae_ext | peer | speedup (rounds) | floor | iwae_ext / floor | peer / floor "
+             "| estimates: ours - peer |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     peer = {"pythae": "pythae get_nll", "pyro": "Pyro RenyiELBO(0)"}
     for t, ev in r["evaluation"].items():
         for name, e in ev.items():
             rounds = ", ".join(f"{v:.2f}" for v in e["speedup_rounds"])
             est = e["estimates"]
             lines.append(f"| {t} | {peer[name]} | {e['ours_median']:.2f} | {e['theirs_median']:.2f} | "
-                         f"**{e['speedup']:.2f}x** ({rounds}) | {est['difference']:+.3f} +- {est['difference_stderr']:.3f} |")
+                         f"**{e['speedup']:.2f}x** ({rounds}) | {e['floor_median']:.2f} | {e['ours_over_floor']:.2f} | "
+                         f"{e['peer_over_floor']:.2f} | {est['difference']:+.3f} +- {est['difference_stderr']:.3f} |")
+    if r.get("profile"):
+        prof = r["profile"]
+        names = list(prof)
+        lines += ["", f"Where L_{r['k']}'s time goes (one thread, torch.profiler; seconds)", "",
+                  "| | " + " | ".join(f"{n} (fused: {prof[n]['fused']})" for n in names) + " |",
+                  "| --- |" + " ---: |" * len(names)]
+        for cat in prof[names[0]]["seconds"]:
+            lines.append(f"| {cat} | " + " | ".join(f"{prof[n]['seconds'][cat]:.2f}" for n in names) + " |")
+        lines.append("| wall | " + " | ".join(f"{prof[n]['wall_seconds']:.2f}" for n in names) + " |")
     if r["training"]:
         lines += ["", "Training step, median ms (IWAE bound, 784-200-200-50)", "",
                   "| threads | setting | " + " | ".join(next(iter(next(iter(r["training"].values())).values()))) + " |",
