@@ -68,6 +68,10 @@ def evaluation(models: dict, x: torch.Tensor, k: int, rounds: int, pythae_batch:
         wrapped_pyro = adapters.from_pyro(vae.model, vae.guide, modules=[vae], decoder=vae.decoder)
         fns["pyro"] = (lambda: evaluate.bounds(wrapped_pyro, x, k, seed=seed).log_likelihood,
                        lambda: peers.pyro_renyi(vae, x, k))
+    if "pythae" in fns:  # warm up: the adapters check their models once, at first use
+        evaluate.bounds(wrapped, x[:2], 10, seed=seed)
+    if "pyro" in fns:
+        evaluate.bounds(wrapped_pyro, x[:2], 10, seed=seed)
     floors = {name: _floor(models[name], x, k) for name in fns}
     times = {name: {"ours": [], "theirs": [], "floor": []} for name in fns}
     for r in range(rounds):

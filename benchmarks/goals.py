@@ -27,7 +27,9 @@ Goals (CPU; eager = the pure-PyTorch twin, `torch.logsumexp(x, dim) - log K` for
                  cost <= 15% against every chain adapting on its own history (all float32);
                  bfloat16 interior gradients >= 3x the float32 path, acceptance within 0.05;
   training       compile's default (--compile unset) never slower than the other choice, at
-                 k = 5, batch 100 and at k = 50, batch 20; --precision bf16 >= 2x float32 there.
+                 k = 5, batch 100 and at k = 50, batch 20; --precision bf16 >= 2x float32 there;
+  peers          L_5000 through iwae_ext.adapters >= 2x pythae's get_nll on a pythae IWAE and
+                 >= 1.5x Pyro's RenyiELBO(alpha=0) on a Pyro VAE (skipped without them).
 """
 import argparse
 import math
@@ -272,9 +274,46 @@ def training(a, device):
                fmt(r, rng), r >= 2.0)
 
 
+# --- the peers' models --------------------------------------------------------------------------
+
+def peers_speed(a, device):
+    """L_5000 on a pythae IWAE and a Pyro VAE (784-200-200-50, benchmarks/peers.py) through the
+    adapters against the peers' own evaluators, with the bare float32 products beside (a peer
+    that is not installed is skipped, saying so). The weights are the initial ones: the time does
+    not depend on them (benchmarks/bench_peers.py trains the models and compares the estimates)."""
+    if device != "cpu":
+        return
+    import bench_peers
+    import peers
+    models = {}
+    if bench_peers.available("pythae"):
+        torch.manual_seed(0)
+        models["pythae"] = peers.pythae_iwae().eval()
+    if bench_peers.available("pyro"):
+        torch.manual_seed(0)
+        models["pyro"] = peers.PyroVAE().eval()
+    for name in ("pythae", "pyro"):
+        if name not in models:
+            print(f"SKIP  peers         {name} is not installed: its goal is not measured", flush=True)
+    if not models:
+        return
+    n, k, rounds = (10, 500, 1) if a.quick else (100, 5000, 3)
+    x = load_dataset("binarized_mnist").split("test")[:n]
+    out = bench_peers.evaluation(models, x, k, rounds, 1000, seed=1)
+    for name, goal, what in (("pythae", 2.0, "pythae's get_nll"), ("pyro", 1.5, "Pyro's RenyiELBO(0)")):
+        if name in out:
+            e = out[name]
+            rng = (min(e["speedup_rounds"]), max(e["speedup_rounds"]))
+            record("peers", f"L_{k} on a {name} model >= {goal}x {what} ({n} images)",
+                   f"{fmt(e['speedup'], rng)}; the peer is {e['peer_over_floor']:.2f}x the bare products, "
+                   f"iwae_ext {e['ours_over_floor']:.2f}x", e["speedup"] >= goal,
+                   {"peer_over_floor": e["peer_over_floor"], "ours_over_floor": e["ours_over_floor"]},
+                   {"ours": e["ours_seconds"], "peer": e["theirs_seconds"], "floor": e["floor_seconds"]})
+
+
 PARTS = {"logmeanexp": [logmeanexp_speed, logmeanexp_precision], "bayes_linear": [bayes_linear_speed],
          "bernoulli": [bernoulli_speed_and_error], "end_to_end": [end_to_end], "ais": [ais_speed],
-         "training": [training]}
+         "training": [training], "peers": [peers_speed]}
 
 
 def main():
