@@ -59,14 +59,14 @@ def evaluation(models: dict, x: torch.Tensor, k: int, rounds: int, pythae_batch:
     if "pythae" in models:
         m = models["pythae"]
         wrapped = adapters.from_pythae(m)
-        fns["pythae"] = (lambda: evaluate.bounds(wrapped, x, k, seed=seed).log_likelihood,
+        fns["pythae"] = (lambda: evaluate.bounds(wrapped, x, k, seed=seed),
                          lambda: torch.tensor([m.get_nll(x[i:i + 1].reshape(1, 1, 28, 28), n_samples=k,
                                                          batch_size=pythae_batch) for i in range(x.shape[0])],
                                               dtype=torch.float64))
     if "pyro" in models:
         vae = models["pyro"]
         wrapped_pyro = adapters.from_pyro(vae.model, vae.guide, modules=[vae], decoder=vae.decoder)
-        fns["pyro"] = (lambda: evaluate.bounds(wrapped_pyro, x, k, seed=seed).log_likelihood,
+        fns["pyro"] = (lambda: evaluate.bounds(wrapped_pyro, x, k, seed=seed),
                        lambda: peers.pyro_renyi(vae, x, k))
     if "pythae" in fns:  # warm up: the adapters check their models once, at first use
         evaluate.bounds(wrapped, x[:2], 10, seed=seed)
@@ -95,7 +95,13 @@ def evaluation(models: dict, x: torch.Tensor, k: int, rounds: int, pythae_batch:
                      "ours_over_floor": median([a / f for a, f in zip(t["ours"], t["floor"])]),
                      "peer_over_floor": median([b / f for b, f in zip(t["theirs"], t["floor"])]),
                      "speedup_rounds": ratios, "speedup": median(ratios),
-                     "estimates": paired(estimates[name]["ours"], estimates[name]["theirs"])}
+                     "estimates": paired(estimates[name]["ours"].log_likelihood, estimates[name]["theirs"]),
+                     "weights": estimates[name]["ours"].diagnostics()}
+        # the spread of the paired differences against what the delta-method errors predict
+        b = estimates[name]["ours"]
+        d = b.log_likelihood - estimates[name]["theirs"]
+        out[name]["estimates"].update(difference_sd=float(d.std()),
+                                      predicted_sd=float(math.sqrt(2) * b.stderr.square().mean().sqrt()))
     return out
 
 
@@ -267,13 +273,20 @@ def table(r: dict) -> str:
              "| estimates: ours - peer |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     peer = {"pythae": "pythae get_nll", "pyro": "Pyro RenyiELBO(0)"}
+    notes = []
     for t, ev in r["evaluation"].items():
         for name, e in ev.items():
             rounds = ", ".join(f"{v:.2f}" for v in e["speedup_rounds"])
             est = e["estimates"]
+            w = e["weights"]
+            notes.append(f"{peer[name]} ({t} thread(s)): ours {est['ours']:.2f}, peer {est['theirs']:.2f} nats; "
+                         f"per-image differences spread {est['difference_sd']:.2f} where the delta-method "
+                         f"errors predict {est['predicted_sd']:.2f}; k-hat median {w['khat_median']:.2f}, "
+                         f"{100 * w['khat_above_threshold']:.0f}% of images above {w['khat_threshold']:.2f}")
             lines.append(f"| {t} | {peer[name]} | {e['ours_median']:.2f} | {e['theirs_median']:.2f} | "
                          f"**{e['speedup']:.2f}x** ({rounds}) | {e['floor_median']:.2f} | {e['ours_over_floor']:.2f} | "
                          f"{e['peer_over_floor']:.2f} | {est['difference']:+.3f} +- {est['difference_stderr']:.3f} |")
+    lines += [""] + [f"- {n}" for n in notes]
     if r.get("profile"):
         prof = r["profile"]
         names = list(prof)
