@@ -28,8 +28,9 @@ Goals (CPU; eager = the pure-PyTorch twin, `torch.logsumexp(x, dim) - log K` for
                  bfloat16 interior gradients >= 3x the float32 path, acceptance within 0.05;
   training       compile's default (--compile unset) never slower than the other choice, at
                  k = 5, batch 100 and at k = 50, batch 20; --precision bf16 >= 2x float32 there;
-  peers          L_5000 through iwae_ext.adapters >= 2x pythae's get_nll on a pythae IWAE and
-                 >= 1.5x Pyro's RenyiELBO(alpha=0) on a Pyro VAE (skipped without them).
+  peers          L_5000 through iwae_ext.adapters >= 2x pythae's get_nll on a pythae IWAE, and
+                 >= 1.1x Pyro's RenyiELBO(alpha=0) on a Pyro VAE within 1.3x of the bare float32
+                 products (Pyro itself is within 1.5x of them; skipped without the peers).
 """
 import argparse
 import math
@@ -300,13 +301,19 @@ def peers_speed(a, device):
     n, k, rounds = (10, 500, 1) if a.quick else (100, 5000, 3)
     x = load_dataset("binarized_mnist").split("test")[:n]
     out = bench_peers.evaluation(models, x, k, rounds, 1000, seed=1)
-    for name, goal, what in (("pythae", 2.0, "pythae's get_nll"), ("pyro", 1.5, "Pyro's RenyiELBO(0)")):
+    # Pyro's own evaluator runs within 1.42-1.49x of the bare products on this model (bench_peers.py,
+    # docs/evaluating.rst), so no float32 evaluator can be 1.5x faster than it: its goal is 1.1x,
+    # with iwae_ext within 1.3x of the bare products
+    for name, goal, floor_goal, what in (("pythae", 2.0, None, "pythae's get_nll"),
+                                         ("pyro", 1.1, 1.3, "Pyro's RenyiELBO(0)")):
         if name in out:
             e = out[name]
             rng = (min(e["speedup_rounds"]), max(e["speedup_rounds"]))
-            record("peers", f"L_{k} on a {name} model >= {goal}x {what} ({n} images)",
-                   f"{fmt(e['speedup'], rng)}; the peer is {e['peer_over_floor']:.2f}x the bare products, "
-                   f"iwae_ext {e['ours_over_floor']:.2f}x", e["speedup"] >= goal,
+            ok = e["speedup"] >= goal and (floor_goal is None or e["ours_over_floor"] <= floor_goal)
+            record("peers", f"L_{k} on a {name} model >= {goal}x {what}"
+                   + (f", within {floor_goal}x of the bare products" if floor_goal else "") + f" ({n} images)",
+                   f"{fmt(e['speedup'], rng)}; iwae_ext {e['ours_over_floor']:.2f}x the bare products, the peer "
+                   f"{e['peer_over_floor']:.2f}x", ok,
                    {"peer_over_floor": e["peer_over_floor"], "ours_over_floor": e["ours_over_floor"]},
                    {"ours": e["ours_seconds"], "peer": e["theirs_seconds"], "floor": e["floor_seconds"]})
 
