@@ -47,7 +47,7 @@ CLAIMS = ("iwae_ext.build_info()", 'iwae_ext.train(model="iwae", k=5, epochs=30'
           "from iwae_ext.ops import logmeanexp", "samplers.ais(", "class MyVAE",
           "part = evaluate.bounds(", "class IWAEPlusELBO", "class Narrow",
           "EventAccumulator(", "adapters.from_pythae(trained)", "adapters.from_pyro(model, guide",
-          "encoder=encoder, decoder=decoder, out=")
+          "encoder_net=encoder, decoder_net=decoder, out=")
 
 
 def test_every_python_snippet_is_claimed_by_a_test():
@@ -151,7 +151,7 @@ def test_pyro_snippet_evaluates_a_pyro_model(capsys):
 def test_own_networks_snippet_trains_and_reloads(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ns = {}
-    exec(_one("encoder=encoder, decoder=decoder, out="), ns)
+    exec(_one("encoder_net=encoder, decoder_net=decoder, out="), ns)
     assert isinstance(ns["model"], iwae_ext.models.NetworkVAE)
     assert ns["metrics"]["config"]["networks"]["encoder"] == "torch.nn.modules.container.Sequential"
     assert capsys.readouterr().out.startswith("convolutional IWAE: test L_100 = ")

@@ -45,14 +45,14 @@ def conv_pair(seed=0):
 def test_a_convolutional_pair_trains_evaluates_and_reloads(tmp_path):
     enc, dec = conv_pair()
     out = str(tmp_path / "run")
-    m = iwae_ext.train(model="iwae", epochs=2, out=out, encoder=enc, decoder=dec, **SMALL)
+    m = iwae_ext.train(model="iwae", epochs=2, out=out, encoder_net=enc, decoder_net=dec, **SMALL)
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert lines[1]["train_bound"] > lines[0]["train_bound"]  # it learns
     assert m["config"]["networks"]["encoder"].endswith("ConvEncoder") and m["config"]["latent_dim"] == [4]
     assert m["test_log_likelihood"] > m["test_elbo"] and m["active_units"][0] <= 4
     with pytest.raises(ValueError, match="your own networks .*ConvEncoder and .*ConvDecoder.*code is not"):
         iwae_ext.load_checkpoint(out)
-    model = iwae_ext.load_checkpoint(out, encoder=ConvEncoder().double(), decoder=ConvDecoder().double())
+    model = iwae_ext.load_checkpoint(out, encoder_net=ConvEncoder().double(), decoder_net=ConvDecoder().double())
     assert isinstance(model, NetworkVAE) and isinstance(model, iwae_ext.LatentVariableModel) and not model.fused
     trained = enc.state_dict()  # the run trained the modules it was given, in place
     assert all(torch.equal(t, trained[n[len("encoder."):]]) for n, t in model.state_dict().items()
@@ -61,13 +61,13 @@ def test_a_convolutional_pair_trains_evaluates_and_reloads(tmp_path):
     b = evaluate.bounds(model, x, k=50, seed=0)
     assert torch.isfinite(b.log_likelihood).all() and (b.log_likelihood >= b.elbo).all()
     with pytest.raises(ValueError, match="the run's encoder was a .*ConvEncoder, the one given is a .*Linear"):
-        iwae_ext.load_checkpoint(out, encoder=nn.Linear(784, 8), decoder=ConvDecoder())
+        iwae_ext.load_checkpoint(out, encoder_net=nn.Linear(784, 8), decoder_net=ConvDecoder())
 
 
 def test_a_stopped_run_of_own_networks_resumes_exactly(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     enc, dec = conv_pair()
-    a = iwae_ext.train(model="iwae", epochs=2, out=full, encoder=enc, decoder=dec, **SMALL)
+    a = iwae_ext.train(model="iwae", epochs=2, out=full, encoder_net=enc, decoder_net=dec, **SMALL)
     calls = {"n": 0}
 
     def stop():  # 6 steps an epoch: stop inside the second
@@ -77,12 +77,12 @@ def test_a_stopped_run_of_own_networks_resumes_exactly(tmp_path):
     enc, dec = conv_pair()
     from iwae_ext.trainer import TrainConfig
     from iwae_ext.trainer.loop import train as loop_train
-    first = loop_train(TrainConfig(model="iwae", epochs=2, out=part, **SMALL), should_stop=stop, encoder=enc,
-                       decoder=dec)
+    first = loop_train(TrainConfig(model="iwae", epochs=2, out=part, **SMALL), should_stop=stop, encoder_net=enc,
+                       decoder_net=dec)
     assert first["stopped"]
-    with pytest.raises(ValueError, match="pass encoder= and decoder=.*to resume"):
+    with pytest.raises(ValueError, match="pass encoder_net= and decoder_net=.*to resume"):
         iwae_ext.train(out=part, resume=True)
-    b = iwae_ext.train(out=part, resume=True, encoder=ConvEncoder().double(), decoder=ConvDecoder().double())
+    b = iwae_ext.train(out=part, resume=True, encoder_net=ConvEncoder().double(), decoder_net=ConvDecoder().double())
     assert b["test_log_likelihood"] == a["test_log_likelihood"]  # bit for bit
     sa = torch.load(os.path.join(full, "checkpoint.pt"), weights_only=True)["model_state"]
     sb = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=True)["model_state"]
@@ -112,14 +112,14 @@ def test_what_cannot_train_with_own_networks_is_refused_by_name(tmp_path):
                          ("aiwae", "model 'aiwae' needs the package's MLPs"),
                          ("ae", "model 'ae' needs the package's MLPs")):
         with pytest.raises(ValueError, match=match):
-            iwae_ext.train(model=model, epochs=1, out=str(tmp_path / model), encoder=enc, decoder=dec, **SMALL)
-    with pytest.raises(ValueError, match="give both encoder and decoder"):
-        iwae_ext.train(model="iwae", epochs=1, out=str(tmp_path / "one"), encoder=enc, **SMALL)
+            iwae_ext.train(model=model, epochs=1, out=str(tmp_path / model), encoder_net=enc, decoder_net=dec, **SMALL)
+    with pytest.raises(ValueError, match="give both encoder_net and decoder_net"):
+        iwae_ext.train(model="iwae", epochs=1, out=str(tmp_path / "one"), encoder_net=enc, **SMALL)
     with pytest.raises(ValueError, match="networks is set by train"):
         iwae_ext.train(model="iwae", epochs=1, networks={"class": "NetworkVAE"}, **SMALL)
     with pytest.raises(ValueError, match="encoder must return"):
-        iwae_ext.train(model="iwae", epochs=1, out=str(tmp_path / "odd"), encoder=nn.Sequential(nn.Flatten(), nn.Linear(784, 5)).double(),
-                       decoder=dec, **SMALL)
+        iwae_ext.train(model="iwae", epochs=1, out=str(tmp_path / "odd"), encoder_net=nn.Sequential(nn.Flatten(), nn.Linear(784, 5)).double(),
+                       decoder_net=dec, **SMALL)
 
 
 SCRIPT = """
@@ -128,7 +128,7 @@ sys.path.insert(0, {tests!r})
 import iwae_ext
 from test_networks import ConvEncoder, ConvDecoder, SMALL
 torch.manual_seed(int(os.environ.get("RANK", "0")))  # each rank builds other weights: rank 0's are broadcast
-iwae_ext.train(model="iwae", epochs=1, out=sys.argv[1], encoder=ConvEncoder().double(), decoder=ConvDecoder().double(),
+iwae_ext.train(model="iwae", epochs=1, out=sys.argv[1], encoder_net=ConvEncoder().double(), decoder_net=ConvDecoder().double(),
                **SMALL)
 """
 
@@ -153,7 +153,7 @@ def test_own_networks_train_under_bf16_autocast(tmp_path):
     torch.manual_seed(0)
     enc = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.Tanh(), nn.Linear(32, 6))
     dec = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 784))
-    m = iwae_ext.train(model="iwae", epochs=2, precision="bf16", encoder=enc, decoder=dec, out=str(tmp_path / "bf16"),
+    m = iwae_ext.train(model="iwae", epochs=2, precision="bf16", encoder_net=enc, decoder_net=dec, out=str(tmp_path / "bf16"),
                        **dict(SMALL, dtype="float32"))
     lines = [json.loads(line) for line in open(tmp_path / "bf16" / "metrics.jsonl")]
     assert lines[1]["train_bound"] > lines[0]["train_bound"] and m["test_log_likelihood"] > m["test_elbo"]

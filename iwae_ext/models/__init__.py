@@ -20,7 +20,7 @@ per data point and per importance sample, jointly with z (Hernandez-Lobato et al
 evaluation need no other code; ``posterior(x)`` draws one encoder weight sample per data point.
 
 :class:`NetworkVAE` is the same interface around the user's own encoder and decoder networks
-(convolutional or any other ``nn.Module``), which ``iwae_ext.train(encoder=..., decoder=...)`` trains.
+(convolutional or any other ``nn.Module``), which ``iwae_ext.train(encoder_net=..., decoder_net=...)`` trains.
 """
 from .bayes import BayesLinear
 from .networks import NetworkVAE

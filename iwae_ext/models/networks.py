@@ -1,7 +1,7 @@
 """A VAE / IWAE around the user's own encoder and decoder networks (convolutional, residual, ...).
 
 :class:`NetworkVAE` makes a :class:`~iwae_ext.protocol.LatentVariableModel` of any pair of
-``nn.Module``s, so that the trainer (``iwae_ext.train(encoder=..., decoder=...)``) trains it
+``nn.Module``s, so that the trainer (``iwae_ext.train(encoder_net=..., decoder_net=...)``) trains it
 with every bound and estimator of the package's own MLPs, and every evaluation tool takes it:
 
 - ``encoder(x)`` takes a batch of data points in ``input_shape`` (e.g. [B, 1, 28, 28]) and returns

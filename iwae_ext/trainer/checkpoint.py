@@ -104,11 +104,11 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
     return ckpt
 
 
-def load_checkpoint(path: str, map_location="cpu", with_state: bool = False, encoder=None, decoder=None):
+def load_checkpoint(path: str, map_location="cpu", with_state: bool = False, encoder_net=None, decoder_net=None):
     """The model of a training run's checkpoint (in eval mode), loaded with weights_only=True.
 
     ``with_state=True`` returns (model, checkpoint dict) instead. A run of the user's own
-    networks (``train(encoder=..., decoder=...)``) needs them again, built as for the run: the
+    networks (``train(encoder_net=..., decoder_net=...)``) needs them again, built as for the run: the
     checkpoint holds their weights and names their classes, but cannot hold their code.
     """
     if os.path.isdir(path):
@@ -116,12 +116,12 @@ def load_checkpoint(path: str, map_location="cpu", with_state: bool = False, enc
     ckpt = read_checkpoint(path, map_location)
     cfg = ckpt["model_config"]
     if cfg.get("class") == "NetworkVAE":
-        if encoder is None or decoder is None:
+        if encoder_net is None or decoder_net is None:
             raise ValueError(f"{path} holds a run of your own networks ({cfg['encoder']} and {cfg['decoder']}): "
                              f"its weights are there, their code is not. Build them as for the run and pass "
-                             f"load_checkpoint(path, encoder=..., decoder=...)")
+                             f"load_checkpoint(path, encoder_net=..., decoder_net=...)")
         from ..models import NetworkVAE
-        model = NetworkVAE(encoder, decoder, cfg["latent_dim"], cfg["likelihood"],
+        model = NetworkVAE(encoder_net, decoder_net, cfg["latent_dim"], cfg["likelihood"],
                            tuple(cfg["input_shape"]) if cfg.get("input_shape") else None, cfg.get("x_dim"))
         for part in ("encoder", "decoder"):
             if model.config[part] != cfg[part]:
@@ -131,8 +131,8 @@ def load_checkpoint(path: str, map_location="cpu", with_state: bool = False, enc
         model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
         model.eval()
         return (model, ckpt) if with_state else model
-    if encoder is not None or decoder is not None:
-        raise ValueError(f"load_checkpoint: {path} is a run of the package's MLPs; encoder= and decoder= are "
+    if encoder_net is not None or decoder_net is not None:
+        raise ValueError(f"load_checkpoint: {path} is a run of the package's MLPs; encoder_net= and decoder_net= are "
                          f"for runs of your own networks")
     model = VAE(**cfg)
     model.load_state_dict(ckpt["model_state"])

@@ -79,7 +79,7 @@ class TrainConfig:
     # a directory for TensorBoard event files (rank 0; iwae_ext.trainer.tensorboard): the training
     # bound, learning rate and step time per epoch, the test curve and the final metrics
     tensorboard: str | None = None
-    # set by train(encoder=..., decoder=...): the user's networks, described (classes, latent size,
+    # set by train(encoder_net=..., decoder_net=...): the user's networks, described (classes, latent size,
     # likelihood, input shape); their code is not saved, so resuming or loading needs them again
     networks: dict | None = None
 
@@ -158,7 +158,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= {2 if name == 'temps' else 1}, got {v!r}")
         if c.networks is not None:
             if not isinstance(c.networks, dict) or c.networks.get("class") != "NetworkVAE":
-                raise ValueError("networks is set by train(encoder=..., decoder=...), not by hand")
+                raise ValueError("networks is set by train(encoder_net=..., decoder_net=...), not by hand")
             if c.model not in ("vae", "iwae"):
                 raise ValueError(f"model {c.model!r} needs the package's MLPs (its objective reaches into "
                                  f"their layers); the user's own encoder and decoder train as 'vae' or 'iwae'")

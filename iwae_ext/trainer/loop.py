@@ -233,7 +233,7 @@ def _resume_config(config: TrainConfig, overrides: dict):
 
 
 def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | None = None,
-          encoder: nn.Module | None = None, decoder: nn.Module | None = None, **overrides) -> dict:
+          encoder_net: nn.Module | None = None, decoder_net: nn.Module | None = None, **overrides) -> dict:
     """Train (and evaluate) one model; returns the final metrics (also in ``out/metrics.json``).
 
     ``config`` or keyword overrides of :class:`~iwae_ext.trainer.config.TrainConfig` fields. With ``resume=True`` the
@@ -249,24 +249,24 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
     this rank's LOCAL_RANK GPU): the global batch ``batch_size`` is split across the ranks, only
     rank 0 writes files, and the final evaluation is split across the ranks and gathered.
 
-    ``encoder`` and ``decoder``: the user's own networks instead of the package's MLPs (model
+    ``encoder_net`` and ``decoder_net``: the user's own networks instead of the package's MLPs (model
     "vae" or "iwae", any estimator), made a :class:`~iwae_ext.models.NetworkVAE`: the encoder
     takes data points in the data set's image shape and returns (loc, log-variance) or one
     tensor of both, the decoder takes z [N, Z] and returns the logits (Bernoulli) or the mean
     and log-variance (Gaussian); Z is read from the encoder. The checkpoint names their classes
     but cannot hold their code: pass the same networks again to resume, and to
-    :func:`~iwae_ext.trainer.checkpoint.load_checkpoint`.
+    :func:`~iwae_ext.trainer.checkpoint.load_checkpoint` (its ``encoder_net`` and ``decoder_net``).
     """
     if "networks" in overrides:
-        raise ValueError("networks is set by train(encoder=..., decoder=...), not by hand")
+        raise ValueError("networks is set by train(encoder_net=..., decoder_net=...), not by hand")
     config = dataclasses.replace(config or TrainConfig(), **overrides)
     config, ckpt = _resume_config(config, overrides)
-    if (encoder is None) != (decoder is None):
-        raise ValueError("train: give both encoder and decoder (your own networks), or neither (the package's MLPs)")
-    if config.networks and encoder is None:
+    if (encoder_net is None) != (decoder_net is None):
+        raise ValueError("train: give both encoder_net and decoder_net (your own networks), or neither (the package's MLPs)")
+    if config.networks and encoder_net is None:
         raise ValueError(f"this run trained your own networks ({config.networks['encoder']} and "
                          f"{config.networks['decoder']}), whose code a checkpoint cannot hold: pass "
-                         f"encoder= and decoder=, built as for the run, to resume it")
+                         f"encoder_net= and decoder_net=, built as for the run, to resume it")
     if data is not None:
         if not isinstance(data, Dataset):
             raise TypeError(f"data must be an iwae_ext.data.Dataset, got {type(data).__name__}")
@@ -277,8 +277,8 @@ def train(config: TrainConfig | None = None, should_stop=None, data: Dataset | N
     if config.subset:
         dataset = _subset(dataset, config.subset, config.seed)
     model = None
-    if encoder is not None:
-        model = _network_model(encoder, decoder, config, dataset)
+    if encoder_net is not None:
+        model = _network_model(encoder_net, decoder_net, config, dataset)
         if config.networks is not None:  # resuming: the same networks as the run's
             for part in ("encoder", "decoder", "latent_dim", "likelihood"):
                 if model.config[part] != config.networks[part]:
