@@ -24,6 +24,7 @@ import torch
 import torch.distributions as D
 from torch import Tensor, nn
 
+from ._output_layer import Captured, find_output_layer, input_of, raise_input
 from .keyed import standard_normal
 
 __all__ = ["from_pythae", "from_pyro", "PythaeModel", "PyroModel", "AdapterError", "PYTHAE_MODELS"]
@@ -51,14 +52,6 @@ _PYTHAE_REFUSED = {
     "MSSSIM_VAE": "its reconstruction term is a structural-similarity loss, not a likelihood",
     "VAEGAN": "its reconstruction term is a discriminator's feature loss, not a likelihood",
 }
-
-
-class _Captured(BaseException):  # not an Exception: a decoder's `except Exception` does not swallow it
-    pass
-
-
-def _raise_input(module, args):
-    raise _Captured(args[0])
 
 
 class PythaeModel(nn.Module):
@@ -156,42 +149,14 @@ class PythaeModel(nn.Module):
 
     def _hidden(self, z: Tensor) -> Tensor:
         """The input of the decoder's output layer for z [N, Z]: the decoder runs up to it."""
-        handle = self._final.register_forward_pre_hook(_raise_input)
-        try:
-            self.pythae.decoder(z)
-        except _Captured as c:
-            return c.args[0]
-        finally:
-            handle.remove()
-        raise RuntimeError("from_pythae: the decoder did not reach its output layer")
+        return input_of(self._final, self.pythae.decoder, z)
 
     def _find_output_layer(self):
         """The decoder's last nn.Linear with D outputs when the decoder's output is exactly
         sigmoid of it (checked on probe latents); else None (the decoder's probabilities are used)."""
-        linears = [m for m in self.pythae.decoder.modules() if isinstance(m, nn.Linear)]
-        if not linears or linears[-1].out_features != self.data_dim or linears[-1].bias is None:
-            return None
-        final = linears[-1]
-        p = final.weight
-        z = torch.randn(4, self.latent_dim, dtype=p.dtype, device=p.device,
-                        generator=torch.Generator(p.device).manual_seed(0)) * 2
-        was = self.pythae.training
-        self.pythae.eval()
-        try:
-            with torch.no_grad():
-                full = self.pythae.decoder(z)["reconstruction"].reshape(4, self.data_dim)
-                self._final = final
-                try:
-                    h = self._hidden(z)
-                except (RuntimeError, TypeError, ValueError):
-                    return None
-                finally:
-                    self._final = None
-                mine = torch.sigmoid(nn.functional.linear(h, final.weight, final.bias))
-        finally:
-            self.pythae.train(was)
-        tol = 1e-5 if p.dtype == torch.float32 else 1e-12
-        return final if mine.shape == full.shape and torch.allclose(mine, full, rtol=tol, atol=tol) else None
+        decoder = self.pythae.decoder
+        return find_output_layer(decoder, lambda z: decoder(z)["reconstruction"].reshape(z.shape[0], -1),
+                                 self.latent_dim, self.data_dim, torch.sigmoid)
 
 
 def from_pythae(model, fused: bool = True) -> PythaeModel:
@@ -260,7 +225,7 @@ class PyroModel(nn.Module):
         import pyro
         from pyro import poutine
         handler = poutine.trace(poutine.condition(self.model_fn, data={self.site: z}))
-        hook = self._final.register_forward_pre_hook(_raise_input) if stop_at_output else None
+        hook = self._final.register_forward_pre_hook(raise_input) if stop_at_output else None
         try:
             with pyro.validation_enabled(False):
                 if vectorized:
@@ -268,7 +233,7 @@ class PyroModel(nn.Module):
                         handler(x)
                 else:
                     handler(x)
-        except _Captured as c:
+        except Captured as c:
             return handler.trace, c.args[0]
         finally:
             if hook is not None:

@@ -22,17 +22,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .._output_layer import find_output_layer, input_of
 from .vae import LOG_2PI, DiagonalNormal, _full, standard_normal_log_prob
 
 __all__ = ["NetworkVAE"]
-
-
-class _Captured(BaseException):  # not an Exception: a network's `except Exception` cannot swallow it
-    pass
-
-
-def _raise_input(module, args):
-    raise _Captured(args[0])
 
 
 def _describe(module: nn.Module) -> str:
@@ -129,42 +122,11 @@ class NetworkVAE(nn.Module):
             self._final = self._find_output_layer()
 
     def _hidden(self, z: Tensor) -> Tensor:
-        handle = self._final.register_forward_pre_hook(_raise_input)
-        try:
-            self.decoder(z)
-        except _Captured as c:
-            return c.args[0]
-        finally:
-            handle.remove()
-        raise RuntimeError("NetworkVAE: the decoder did not reach its output layer")
+        return input_of(self._final, self.decoder, z)
 
     def _find_output_layer(self):
         """The decoder's last nn.Linear when the decoder's output is exactly it (probe latents)."""
-        linears = [m for m in self.decoder.modules() if isinstance(m, nn.Linear)]
-        if not linears or linears[-1].out_features != self.x_dim or linears[-1].bias is None:
-            return None
-        final, p = linears[-1], linears[-1].weight
-        z = torch.randn(3, self.latent_dim, dtype=p.dtype, device=p.device,
-                        generator=torch.Generator(p.device).manual_seed(0))
-        was = self.decoder.training
-        self.decoder.eval()
-        try:
-            with torch.no_grad():
-                full = self.decoder(z)
-                if not isinstance(full, Tensor):
-                    return None
-                self._final = final
-                try:
-                    h = self._hidden(z)
-                except (RuntimeError, TypeError, ValueError):
-                    return None
-                finally:
-                    self._final = None
-                mine = nn.functional.linear(h, final.weight, final.bias)
-        finally:
-            self.decoder.train(was)
-        full = full.reshape(3, -1)
-        return final if mine.shape == full.shape and torch.equal(mine, full) else None
+        return find_output_layer(self.decoder, lambda z: self.decoder(z), self.latent_dim, self.x_dim)
 
     # -- the protocol ---------------------------------------------------------------------------
 
