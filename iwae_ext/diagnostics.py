@@ -43,8 +43,6 @@ def effective_sample_size(log_w: Tensor, dim: int = 0) -> Tensor:
     """Kong's effective sample size (sum w)^2 / sum w^2 of the weights exp(log_w) along ``dim``
     (float64; the other dimensions index data points). 1 <= ESS <= S for S weights."""
     lw = log_w.double()
-    if not lw.is_floating_point():
-        raise ValueError(f"effective_sample_size: log_w must be floating point, got {log_w.dtype}")
     return torch.exp(2 * torch.logsumexp(lw, dim) - torch.logsumexp(2 * lw, dim))
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import protocol as _protocol
-from .diagnostics import MIN_TAIL, _khat_from_top, effective_sample_size, tail_length
+from .diagnostics import MIN_TAIL, _khat_from_top, effective_sample_size, pareto_khat, summarize, tail_length
 from .keyed import KeyedNoise, keyed_draws, resolve_seed
 from .ops import logmeanexp
 
@@ -57,7 +57,6 @@ class Bounds:
 
     def diagnostics(self) -> dict:
         """The weights' diagnostics summarised over the data points (:func:`iwae_ext.diagnostics.summarize`)."""
-        from .diagnostics import summarize
         if self.ess is None or self.khat is None:
             raise ValueError("Bounds.diagnostics: these bounds carry no ess / khat")
         return summarize(self.khat, self.ess, self.k)
@@ -169,10 +168,11 @@ def bounds(model, x: Tensor, k: int = 5000, batch_size: int = 100, max_rows: int
         log_s1 = torch.logsumexp(torch.stack(parts), 0)
         lls.append(log_s1 - math.log(k))
         elbos.append(total / k)
+        log_s2 = torch.logsumexp(torch.stack(squares), 0)
         # stderr = sqrt((k S2 / S1^2 - 1) / (k - 1)), S_j = sum_i w_i^j: log_mean_exp_stderr's value
-        ratio = torch.exp(math.log(k) + torch.logsumexp(torch.stack(squares), 0) - 2 * log_s1) - 1
+        ratio = torch.exp(math.log(k) + log_s2 - 2 * log_s1) - 1
         errs.append((ratio.clamp_min(0) / (k - 1)).sqrt() if k > 1 else torch.full_like(log_s1, math.nan))
-        esss.append(torch.exp(2 * log_s1 - torch.logsumexp(torch.stack(squares), 0)))
+        esss.append(torch.exp(2 * log_s1 - log_s2))  # Kong's ESS, S1^2 / S2
         khats.append(_khat_from_top(top, log_w.dtype) if fit_tail else torch.full_like(log_s1, math.nan))
         if bar is not None:
             bar.update()
@@ -261,12 +261,10 @@ class AISEstimate:
     def khat(self) -> Tensor:
         """[N] Pareto k-hat of each point's chain weights (:func:`iwae_ext.diagnostics.pareto_khat`),
         NaN below 21 chains (too few weights to fit a tail)."""
-        from .diagnostics import pareto_khat
         return pareto_khat(self.log_weights)
 
     def diagnostics(self) -> dict:
         """The chain weights' diagnostics summarised over the data points."""
-        from .diagnostics import summarize
         return summarize(self.khat, self.ess, self.log_weights.shape[0])
 
 
