@@ -33,14 +33,22 @@ def input_of(layer: nn.Module, fn, *args) -> Tensor:
     raise RuntimeError("the network did not call its output layer")
 
 
-def find_output_layer(network: nn.Module, outputs, latent_dim: int, width: int, link=None) -> nn.Linear | None:
-    """``network``'s last ``nn.Linear`` with ``width`` outputs and a bias when ``outputs(z)`` (the
-    network's output rows [N, width] for z [N, Z]) equals ``link`` of that layer's output on
-    probe latents; else None."""
+def last_linear(network: nn.Module, width: int) -> nn.Linear | None:
+    """``network``'s last ``nn.Linear`` if it has ``width`` outputs and a bias (the candidate for
+    its output layer), else None."""
     linears = [m for m in network.modules() if isinstance(m, nn.Linear)]
     if not linears or linears[-1].out_features != width or linears[-1].bias is None:
         return None
-    final, p = linears[-1], linears[-1].weight
+    return linears[-1]
+
+
+def find_output_layer(network: nn.Module, outputs, latent_dim: int, width: int, link=None) -> nn.Linear | None:
+    """``network``'s :func:`last_linear` when ``outputs(z)`` (the network's output rows
+    [N, width] for z [N, Z]) equals ``link`` of that layer's output on probe latents; else None."""
+    final = last_linear(network, width)
+    if final is None:
+        return None
+    p = final.weight
     z = torch.randn(3, latent_dim, dtype=p.dtype, device=p.device,
                     generator=torch.Generator(p.device).manual_seed(0)) * 2
     was = network.training

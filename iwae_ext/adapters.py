@@ -24,7 +24,7 @@ import torch
 import torch.distributions as D
 from torch import Tensor, nn
 
-from ._output_layer import Captured, find_output_layer, input_of, raise_input
+from ._output_layer import find_output_layer, input_of, last_linear
 from .keyed import standard_normal
 
 __all__ = ["from_pythae", "from_pyro", "PythaeModel", "PyroModel", "AdapterError", "PYTHAE_MODELS"]
@@ -191,8 +191,8 @@ class PyroModel(nn.Module):
             raise AdapterError(f"from_pyro: decoder must be the nn.Module whose output the model's likelihood "
                                f"takes, got {type(decoder).__name__}")
         self.model_fn, self.guide_fn = model, guide
-        self.networks = nn.ModuleList(list(modules) + ([decoder] if decoder is not None else []))
-        self.decoder = decoder
+        self.networks = nn.ModuleList(modules)
+        self.decoder = decoder  # a submodule too: its device and eval mode follow the adapter's
         self.site = None  # the latent site's name
         self.likelihood = None
         self.vectorized = None  # the S samples as a plate of Pyro's (True) or as S x B data rows (False)
@@ -225,21 +225,18 @@ class PyroModel(nn.Module):
         import pyro
         from pyro import poutine
         handler = poutine.trace(poutine.condition(self.model_fn, data={self.site: z}))
-        hook = self._final.register_forward_pre_hook(raise_input) if stop_at_output else None
-        try:
+
+        def run():
             with pyro.validation_enabled(False):
                 if vectorized:
                     with pyro.plate("_iwae_ext_samples", z.shape[0], dim=-2):
                         handler(x)
                 else:
                     handler(x)
-        except Captured as c:
-            return handler.trace, c.args[0]
-        finally:
-            if hook is not None:
-                hook.remove()
         if stop_at_output:
-            raise AdapterError("from_pyro: the model did not call the decoder's output layer")
+            h = input_of(self._final, run)
+            return handler.trace, h
+        run()
         return handler.trace, None
 
     def _site_log_probs(self, trace, shape: tuple) -> Tensor:
@@ -295,11 +292,10 @@ class PyroModel(nn.Module):
                                f"{', '.join(repr(n) for n in other)} (one local latent site only)")
 
     def _check_fused(self, x: Tensor, z: Tensor, ref: Tensor):
-        linears = [m for m in self.decoder.modules() if isinstance(m, nn.Linear)]
-        width = math.prod(x.shape[1:])
-        if not linears or linears[-1].out_features != width or linears[-1].bias is None:
+        final = last_linear(self.decoder, math.prod(x.shape[1:]))
+        if final is None:
             return None
-        self._final = linears[-1]
+        self._final = final
         try:
             with torch.no_grad():
                 mine = self._fused_log_joint(x, z)
@@ -310,7 +306,7 @@ class PyroModel(nn.Module):
         tol = 1e-4 if ref.dtype == torch.float32 else 1e-10
         if mine is None or mine.shape != ref.shape or not torch.allclose(mine, ref.to(mine.dtype), rtol=tol, atol=tol):
             return None
-        return linears[-1]
+        return final
 
     def _fused_log_joint(self, x: Tensor, z: Tensor) -> Tensor:
         """log p(z) from the model's latent site, log p(x|z) by the fused output layer from the
