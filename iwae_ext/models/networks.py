@@ -32,6 +32,20 @@ def _describe(module: nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
+def _split(out, latent_dim: int | None = None) -> tuple[Tensor, Tensor]:
+    """(loc, log_variance) from an encoder's output: a pair, or one tensor of both halves
+    (``latent_dim`` None: any even width)."""
+    if isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, Tensor) for t in out):
+        return out[0], out[1]
+    if isinstance(out, Tensor) and (out.shape[-1] == 2 * latent_dim if latent_dim else out.shape[-1] % 2 == 0):
+        return out.chunk(2, -1)
+    got = [tuple(getattr(t, "shape", ())) for t in out] if isinstance(out, (tuple, list)) else \
+        (tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__)
+    z = latent_dim or "Z"
+    raise ValueError(f"NetworkVAE: the encoder must return (loc, log_variance), each [B, {z}], or one tensor "
+                     f"[B, 2 x {z}]; it returned {got}")
+
+
 class NetworkVAE(nn.Module):
     """q(z|x) = N(loc, diag(exp(log_variance))) from ``encoder``; p(x|z) from ``decoder``
     (``likelihood`` "bernoulli": logits; "gaussian": mean and log-variance, or mean); p(z) = N(0, I).
@@ -60,6 +74,17 @@ class NetworkVAE(nn.Module):
         self.use_fused = fused
         self._final = None  # the decoder's output layer once checked
         self._checked = False
+
+    @classmethod
+    def probing(cls, encoder: nn.Module, decoder: nn.Module, x: Tensor, likelihood: str = "bernoulli",
+                input_shape: tuple | None = None, fused: bool = True) -> "NetworkVAE":
+        """The model with Z read from the encoder's output on the data rows x [N, D]."""
+        p = next(encoder.parameters(), None)
+        if p is not None:
+            x = x.to(device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            loc, _ = _split(encoder(x.reshape(x.shape[0], *input_shape) if input_shape else x))
+        return cls(encoder, decoder, int(loc.shape[-1]), likelihood, input_shape, x.shape[-1], fused)
 
     @property
     def latent_dim(self) -> int:
@@ -90,16 +115,7 @@ class NetworkVAE(nn.Module):
         return x.reshape(x.shape[0], *self.input_shape) if self.input_shape else x
 
     def _encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.encoder(self._shaped(x))
-        if isinstance(out, (tuple, list)) and len(out) == 2:
-            loc, logvar = out
-        elif isinstance(out, Tensor) and out.shape[-1] == 2 * self.latent_dim:
-            loc, logvar = out.chunk(2, -1)
-        else:
-            got = [tuple(t.shape) for t in out] if isinstance(out, (tuple, list)) else \
-                (tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__)
-            raise ValueError(f"NetworkVAE: the encoder must return (loc, log_variance), each [B, {self.latent_dim}], "
-                             f"or one tensor [B, {2 * self.latent_dim}]; it returned {got}")
+        loc, logvar = _split(self.encoder(self._shaped(x)), self.latent_dim)
         if loc.shape != (x.shape[0], self.latent_dim) or logvar.shape != loc.shape:
             raise ValueError(f"NetworkVAE: the encoder's loc and log_variance must be [B, Z] = "
                              f"[{x.shape[0]}, {self.latent_dim}], got {tuple(loc.shape)} and {tuple(logvar.shape)}")

@@ -153,7 +153,7 @@ def build_model(config: TrainConfig, dataset: Dataset) -> VAE:
 
 
 def _network_model(encoder: nn.Module, decoder: nn.Module, config: TrainConfig, dataset: Dataset):
-    """The user's networks as a NetworkVAE; Z read from the encoder's output on two rows."""
+    """The user's networks as a NetworkVAE; Z read from the encoder's output on two training rows."""
     from ..models import NetworkVAE
     for name, net in (("encoder", encoder), ("decoder", decoder)):
         if not isinstance(net, nn.Module):
@@ -161,22 +161,8 @@ def _network_model(encoder: nn.Module, decoder: nn.Module, config: TrainConfig, 
     shape = tuple(dataset.image_shape)
     if len(shape) == 2:
         shape = (1, *shape)  # one channel, as convolutional networks take images
-    x = dataset.split("train")[:2]
-    p = next(encoder.parameters(), None)
-    if p is not None:
-        x = x.to(device=p.device, dtype=p.dtype)
-    with torch.no_grad():
-        out = encoder(x.reshape(2, *shape) if math.prod(shape) == x.shape[1] else x)
-    if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor):
-        latent = out[0].shape[-1]
-    elif isinstance(out, Tensor) and out.shape[-1] % 2 == 0:
-        latent = out.shape[-1] // 2
-    else:
-        raise ValueError("train: the encoder must return (loc, log_variance), each [B, Z], or one tensor "
-                         f"[B, 2 Z]; it returned {type(out).__name__}")
-    likelihood = config.decoder or dataset.likelihood
-    return NetworkVAE(encoder, decoder, int(latent), likelihood,
-                      input_shape=shape if math.prod(shape) == dataset.x_dim else None, x_dim=dataset.x_dim)
+    return NetworkVAE.probing(encoder, decoder, dataset.split("train")[:2], config.decoder or dataset.likelihood,
+                              shape if math.prod(shape) == dataset.x_dim else None)
 
 
 def _init_from(model: VAE, path: str) -> VAE:
