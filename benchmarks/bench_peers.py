@@ -47,10 +47,13 @@ def available(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def paired(ours: torch.Tensor, theirs: torch.Tensor) -> dict:
-    d = ours - theirs
-    return {"ours": float(ours.mean()), "theirs": float(theirs.mean()), "difference": float(d.mean()),
-            "difference_stderr": float(d.std() / math.sqrt(d.numel()))}
+def paired(ours, theirs: torch.Tensor) -> dict:
+    """Our Bounds against the peer's L_k per image: the means, the paired difference with its
+    standard error, and the differences' spread against what the delta-method errors predict."""
+    d = ours.log_likelihood - theirs
+    return {"ours": float(ours.log_likelihood.mean()), "theirs": float(theirs.mean()), "difference": float(d.mean()),
+            "difference_stderr": float(d.std() / math.sqrt(d.numel())), "difference_sd": float(d.std()),
+            "predicted_sd": float(math.sqrt(2) * ours.stderr.square().mean().sqrt())}
 
 
 def evaluation(models: dict, x: torch.Tensor, k: int, rounds: int, pythae_batch: int, seed: int) -> dict:
@@ -60,9 +63,7 @@ def evaluation(models: dict, x: torch.Tensor, k: int, rounds: int, pythae_batch:
         m = models["pythae"]
         wrapped = adapters.from_pythae(m)
         fns["pythae"] = (lambda: evaluate.bounds(wrapped, x, k, seed=seed),
-                         lambda: torch.tensor([m.get_nll(x[i:i + 1].reshape(1, 1, 28, 28), n_samples=k,
-                                                         batch_size=pythae_batch) for i in range(x.shape[0])],
-                                              dtype=torch.float64))
+                         lambda: peers.pythae_nll(m, x, k, batch_size=pythae_batch))
     if "pyro" in models:
         vae = models["pyro"]
         wrapped_pyro = adapters.from_pyro(vae.model, vae.guide, modules=[vae], decoder=vae.decoder)
@@ -95,17 +96,12 @@ def evaluation(models: dict, x: torch.Tensor, k: int, rounds: int, pythae_batch:
                      "ours_over_floor": median([a / f for a, f in zip(t["ours"], t["floor"])]),
                      "peer_over_floor": median([b / f for b, f in zip(t["theirs"], t["floor"])]),
                      "speedup_rounds": ratios, "speedup": median(ratios),
-                     "estimates": paired(estimates[name]["ours"].log_likelihood, estimates[name]["theirs"]),
+                     "estimates": paired(estimates[name]["ours"], estimates[name]["theirs"]),
                      "weights": estimates[name]["ours"].diagnostics()}
-        # the spread of the paired differences against what the delta-method errors predict
-        b = estimates[name]["ours"]
-        d = b.log_likelihood - estimates[name]["theirs"]
-        out[name]["estimates"].update(difference_sd=float(d.std()),
-                                      predicted_sd=float(math.sqrt(2) * b.stderr.square().mean().sqrt()))
     return out
 
 
-def _floor(model, x: torch.Tensor, k: int, batch_size: int = 100, max_rows: int = 10_000):
+def _floor(model, x: torch.Tensor, k: int, batch_size: int = 100, max_rows: int = evaluate.DEFAULT_MAX_ROWS["cpu"]):
     """The bare float32 products of the same evaluation: the decoder's forward up to its logits
     (its output layer included; no sigmoid, no likelihood) on k draws for every image, in L_k's
     chunks, and the encoder once per chunk: what no evaluator of this model avoids."""

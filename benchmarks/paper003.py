@@ -30,6 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+from common import median  # noqa: E402
 from sweep import Run, history_records, load_results, parse_shard, result_path, run_sweep, write_json  # noqa: E402
 
 TITLE = ("Nicholson, Tebbutt, Budzianowski: reproduction of Kingma and Welling, "
@@ -266,9 +267,7 @@ def _n_train(config: dict) -> int:
 def _median_epoch_seconds(result: dict) -> float:
     """The median of a run's per-epoch wall times: what an epoch costs, unmoved by an epoch in
     which the machine paused the run (its mean would carry the pause)."""
-    seconds = sorted(result["history"]["seconds"])
-    n = len(seconds)
-    return seconds[n // 2] if n % 2 else 0.5 * (seconds[n // 2 - 1] + seconds[n // 2])
+    return median(result["history"]["seconds"])
 
 
 def _table(exp: Experiment, results: dict) -> list[str]:

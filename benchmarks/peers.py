@@ -118,10 +118,11 @@ def train_pyro(vae: PyroVAE, x: torch.Tensor, epochs: int, batch_size: int = 100
     return vae.eval()
 
 
-def pythae_nll(model, x: torch.Tensor, k: int, input_dim=(1, 28, 28)) -> torch.Tensor:
-    """pythae's own ``get_nll``, image by image: its L_k per image [N] (float64)."""
+def pythae_nll(model, x: torch.Tensor, k: int, input_dim=(1, 28, 28), batch_size: int | None = None) -> torch.Tensor:
+    """pythae's own ``get_nll``, image by image (``batch_size`` samples per call; default all k):
+    its L_k per image [N] (float64)."""
     with torch.no_grad():
-        return torch.tensor([model.get_nll(x[i:i + 1].reshape(1, *input_dim), n_samples=k, batch_size=k)
+        return torch.tensor([model.get_nll(x[i:i + 1].reshape(1, *input_dim), n_samples=k, batch_size=batch_size or k)
                              for i in range(x.shape[0])], dtype=torch.float64)
 
 
